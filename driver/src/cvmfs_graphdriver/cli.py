@@ -1,0 +1,97 @@
+"""`cvmfs-graphdriver` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import List, Optional
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, LOG_LEVELS, ConfigError, load
+from .driver import Driver
+from .errors import DriverError
+from .server import PluginServer, activated_socket, bind_socket, sd_notify
+
+log = logging.getLogger("cvmfs_graphdriver")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cvmfs-graphdriver",
+        description="Docker graph-driver plugin: overlay2-compatible layers, thin images "
+        "from CernVM-FS.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the plugin protocol (what systemd runs)")
+    s.add_argument("--config", metavar="FILE",
+                   help=f"configuration file (default {DEFAULT_CONFIG_PATH}, optional)")
+    s.add_argument("--socket", metavar="PATH",
+                   help="unix socket to listen on (default /run/docker/plugins/cvmfs.sock)")
+    s.add_argument("--log-level", choices=LOG_LEVELS)
+    sync = s.add_mutually_exclusive_group()
+    sync.add_argument("--sync-layers", dest="sync_layers", action="store_true", default=None,
+                      help="flush each applied layer to disk before reporting it (default)")
+    sync.add_argument("--no-sync-layers", dest="sync_layers", action="store_false",
+                      help="do not flush applied layers (faster, unsafe on power loss)")
+    sub.add_parser("show-config", help="print the effective configuration")
+    return p
+
+
+def serve(args: argparse.Namespace) -> int:
+    cfg = load(args.config).replace(socket=args.socket, log_level=args.log_level,
+                                    sync_layers=args.sync_layers)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    sock = activated_socket()
+    bound_path = None
+    if sock is None:
+        sock = bind_socket(cfg.socket)
+        bound_path = cfg.socket
+    server = PluginServer(sock, Driver(cfg))
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping (mounts stay: running containers keep their layers)",
+                 signum)
+        sd_notify("STOPPING=1")
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("cvmfs-graphdriver %s listening on %s", __version__,
+             bound_path or f"socket from systemd (fd {sock.fileno()})")
+    sd_notify(f"READY=1\nSTATUS=listening on {bound_path or 'activated socket'}")
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        if bound_path:
+            try:
+                os.unlink(bound_path)
+            except FileNotFoundError:
+                pass
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "show-config":
+            cfg = load(None)
+            for key, value in vars(cfg).items():
+                print(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+            return 0
+    except (ConfigError, DriverError) as e:
+        print(f"cvmfs-graphdriver: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""The daemon's configuration: one INI file, every key with a default, flags override it.
+
+    # /etc/cvmfs-graphdriver/config.ini
+    [driver]
+    # Unix socket dockerd connects to; `dockerd -s cvmfs` looks for
+    # /run/docker/plugins/cvmfs.sock. Ignored under systemd socket activation.
+    socket = /run/docker/plugins/cvmfs.sock
+    # debug, info, warning or error (logged to stderr: journald keeps it).
+    log_level = info
+    # Flush each applied layer to disk before reporting it complete (safe after power loss).
+    sync_layers = true
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+DEFAULT_CONFIG_PATH = "/etc/cvmfs-graphdriver/config.ini"
+SECTION = "driver"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: str = "/run/docker/plugins/cvmfs.sock"
+    log_level: str = "info"
+    sync_layers: bool = True
+
+    def replace(self, **changes: Any) -> Config:
+        return validate(dataclasses.replace(self, **{k: v for k, v in changes.items()
+                                                      if v is not None}))
+
+
+def _parse_bool(key: str, value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "yes", "true", "on"):
+        return True
+    if v in ("0", "no", "false", "off"):
+        return False
+    raise ConfigError(f"{key} = {value!r}: expected true or false")
+
+
+def validate(cfg: Config) -> Config:
+    if cfg.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level = {cfg.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    if not os.path.isabs(cfg.socket):
+        raise ConfigError(f"socket = {cfg.socket!r}: must be an absolute path")
+    return cfg
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as e:
+        raise ConfigError(f"{source}: {e}") from None
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    values: Dict[str, Any] = {}
+    for section in parser.sections():
+        if section != SECTION:
+            raise ConfigError(f"{source}: unknown section [{section}] (expected [{SECTION}])")
+        for key, raw in parser.items(section):
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r} in [{SECTION}]; known keys: "
+                    + ", ".join(sorted(known))
+                )
+            values[key] = _parse_bool(key, raw) if known[key].type in (bool, "bool") else raw
+    try:
+        return validate(Config(**values))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load(path: Optional[str]) -> Config:
+    """Read `path`; a missing file at the default path means all defaults."""
+    target = path or DEFAULT_CONFIG_PATH
+    try:
+        with open(target, encoding="utf-8") as f:
+            return parse(f.read(), target)
+    except FileNotFoundError:
+        if path is None:
+            return Config()
+        raise ConfigError(f"configuration file {target} does not exist") from None

@@ -1,0 +1,452 @@
+"""Storage operations of the graph driver (overlay2 semantics), one method per protocol call."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+from collections import defaultdict
+from typing import IO, Dict, Iterator, List, Optional, Tuple
+
+from . import __version__, archive, mounts
+from .config import Config
+from .errors import DriverError, NotFoundError
+from .layout import Layout, lower_chain, new_short_id, overlay_options, validate_id
+
+log = logging.getLogger(__name__)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def _write_durably(path: str, content: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Driver:
+    """Layers under one home directory, laid out as overlay2 lays them out."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._layout: Optional[Layout] = None
+        self._refs: Dict[str, int] = {}
+        self._refs_lock = threading.Lock()
+        self._locks: Dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_lock = threading.Lock()
+        self.native_diff = True
+        self._extra_opts = ""
+        self.backing_fs = "unknown"
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            raise DriverError("the driver is not initialised yet: dockerd must call Init first")
+        return self._layout
+
+    @contextlib.contextmanager
+    def _locked(self, layer_id: str) -> Iterator[None]:
+        with self._locks_lock:
+            lock = self._locks[layer_id]
+        with lock:
+            yield
+
+    def _id(self, layer_id: str, what: str = "layer id") -> str:
+        try:
+            return validate_id(layer_id, what)
+        except ValueError as e:
+            raise DriverError(str(e)) from None
+
+    def _complete(self, layer_id: str) -> bool:
+        d = self.layout.dir(layer_id)
+        return os.path.isdir(d) and not os.path.exists(self.layout.applying_marker(layer_id))
+
+    def _require(self, layer_id: str) -> None:
+        if not self._complete(layer_id):
+            if os.path.isdir(self.layout.dir(layer_id)):
+                raise NotFoundError(
+                    f"layer {layer_id} is incomplete (an ApplyDiff was interrupted); "
+                    "remove it and pull the image again"
+                )
+            raise NotFoundError(f"layer {layer_id} does not exist in {self.layout.home}")
+
+    def _lower(self, layer_id: str) -> str:
+        try:
+            return _read(self.layout.lower_file(layer_id))
+        except FileNotFoundError:
+            return ""
+
+    def _parent(self, layer_id: str) -> str:
+        try:
+            return _read(self.layout.parent_file(layer_id))
+        except FileNotFoundError:
+            return ""
+
+    def _lower_dirs(self, layer_id: str) -> List[str]:
+        """Absolute diff dirs of the layer's parents, uppermost first."""
+        out = []
+        for entry in filter(None, self._lower(layer_id).split(":")):
+            link = os.path.join(self.layout.home, entry)
+            out.append(os.path.normpath(os.path.join(self.layout.links, os.readlink(link))))
+        return out
+
+    # ------------------------------------------------------------------ Init
+
+    def init(self, home: str, opts: Optional[List[str]], uid_maps: object, gid_maps: object) -> None:
+        if not home or not os.path.isabs(home):
+            raise DriverError(f"Init: home must be an absolute path, got {home!r}")
+        if uid_maps or gid_maps:
+            raise DriverError(
+                "user namespace remapping (dockerd --userns-remap) is not supported by the cvmfs "
+                "graph driver; start dockerd without it"
+            )
+        if opts:
+            raise DriverError(
+                f"unknown storage options {opts}: the cvmfs graph driver takes none "
+                "(remove --storage-opt / \"storage-opts\" from the dockerd configuration)"
+            )
+        layout = Layout(os.path.normpath(home))
+        os.makedirs(layout.home, mode=0o710, exist_ok=True)
+        os.makedirs(layout.links, mode=0o700, exist_ok=True)
+        magic = mounts.fs_magic(layout.home)
+        self.backing_fs = mounts.fs_name(layout.home)
+        if magic == mounts.OVERLAY_MAGIC:
+            raise DriverError(
+                f"driver home {layout.home} is on overlayfs, which cannot hold overlay upper "
+                "directories; put dockerd's data-root on ext4, xfs or a volume"
+            )
+        if not mounts.supports_d_type(layout.home):
+            raise DriverError(
+                f"the filesystem of {layout.home} ({self.backing_fs}) does not support d_type, "
+                "which overlayfs needs; for xfs, reformat with ftype=1"
+            )
+        self.native_diff = mounts.supports_native_diff(layout.home)
+        self._extra_opts = "index=off," if mounts.overlay_index_param() else ""
+        with self._refs_lock:
+            self._layout = layout
+            self._refs = {}
+        self._recover()
+        log.info("initialised home %s on %s (native diff %s)", layout.home, self.backing_fs,
+                 self.native_diff)
+
+    def _recover(self) -> None:
+        """Make the home consistent after a crash, adopting mounts still in use."""
+        layout = self.layout
+        entries = mounts.read_mountinfo()
+        staging = layout.staging
+        for point in mounts.mounts_under(staging, entries):
+            mounts.unmount(point)
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging, mode=0o700, exist_ok=True)
+
+        mounted = set(mounts.mounts_under(layout.home, entries))
+        for name in sorted(os.listdir(layout.home)):
+            d = os.path.join(layout.home, name)
+            if name in ("l", ".staging") or not os.path.isdir(d):
+                continue
+            try:
+                validate_id(name)
+            except ValueError:
+                continue
+            merged = layout.merged(name)
+            if os.path.exists(layout.applying_marker(name)):
+                log.warning("layer %s: ApplyDiff was interrupted; removing the partial layer", name)
+                if merged in mounted:
+                    mounts.unmount(merged)
+                self._remove_layer_dir(name)
+                continue
+            try:
+                short = _read(layout.link_file(name))
+            except FileNotFoundError:
+                short = ""
+            if short and not os.path.islink(layout.short_link(short)):
+                log.warning("layer %s: recreating missing link l/%s", name, short)
+                os.symlink(f"../{name}/diff", layout.short_link(short))
+            if merged in mounted:
+                self._refs[name] = 1  # a container still uses it; its Put will release it
+        for short in os.listdir(layout.links):
+            link = layout.short_link(short)
+            if not os.path.exists(link):
+                log.warning("removing dangling link %s", link)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(link)
+        if self._refs:
+            log.info("adopted %d mounts left by a previous run", len(self._refs))
+
+    # ------------------------------------------------------------------ layers
+
+    def create(self, layer_id: str, parent: str, mount_label: str,
+               storage_opt: Optional[Dict[str, str]], *, read_write: bool) -> None:
+        layer_id = self._id(layer_id)
+        if storage_opt:
+            raise DriverError(
+                f"layer {layer_id}: storage options {sorted(storage_opt)} are not supported by "
+                "the cvmfs graph driver (no per-container size quotas)"
+            )
+        layout = self.layout
+        with self._locked(layer_id):
+            if os.path.lexists(layout.dir(layer_id)):
+                raise DriverError(f"layer {layer_id} already exists in {layout.home}")
+            parent_link, parent_lower = None, ""
+            if parent:
+                parent = self._id(parent, "parent id")
+                self._require(parent)
+                parent_link = _read(layout.link_file(parent))
+                parent_lower = self._lower(parent)
+            try:
+                lower = lower_chain(parent_link, parent_lower)
+            except ValueError as e:
+                raise DriverError(f"cannot create layer {layer_id}: {e}") from None
+
+            tmp = os.path.join(layout.staging, f"{layer_id}.{new_short_id()[:8]}")
+            os.mkdir(tmp, 0o700)
+            try:
+                os.mkdir(os.path.join(tmp, "diff"), 0o755)
+                short = new_short_id()
+                _write_durably(os.path.join(tmp, "link"), short)
+                if parent:
+                    _write_durably(os.path.join(tmp, "lower"), lower)
+                    _write_durably(os.path.join(tmp, "parent"), parent)
+                    os.mkdir(os.path.join(tmp, "work"), 0o700)
+                if not read_write:
+                    _write_durably(os.path.join(tmp, "committed"), "")
+                os.rename(tmp, layout.dir(layer_id))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            os.symlink(f"../{layer_id}/diff", layout.short_link(short))
+            _fsync_dir(layout.home)
+
+    def remove(self, layer_id: str) -> None:
+        layer_id = self._id(layer_id)
+        with self._locked(layer_id):
+            if not os.path.lexists(self.layout.dir(layer_id)):
+                return
+            merged = self.layout.merged(layer_id)
+            if mounts.is_mountpoint(merged):
+                mounts.unmount(merged)
+            with self._refs_lock:
+                self._refs.pop(layer_id, None)
+            self._remove_layer_dir(layer_id)
+
+    def _remove_layer_dir(self, layer_id: str) -> None:
+        layout = self.layout
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(layout.short_link(_read(layout.link_file(layer_id))))
+        # Move aside first: an interrupted removal leaves nothing that looks like a layer.
+        doomed = os.path.join(layout.staging, f"{layer_id}.removing.{new_short_id()[:8]}")
+        os.rename(layout.dir(layer_id), doomed)
+        shutil.rmtree(doomed)
+
+    def exists(self, layer_id: str) -> bool:
+        try:
+            return self._complete(self._id(layer_id))
+        except DriverError:
+            return False
+
+    def get(self, layer_id: str, mount_label: str = "") -> str:
+        layer_id = self._id(layer_id)
+        layout = self.layout
+        with self._locked(layer_id):
+            self._require(layer_id)
+            lower = self._lower(layer_id)
+            if not lower:
+                return layout.diff(layer_id)
+            merged = layout.merged(layer_id)
+            with self._refs_lock:
+                count = self._refs.get(layer_id, 0)
+            if count > 0 and mounts.is_mountpoint(merged):
+                with self._refs_lock:
+                    self._refs[layer_id] = count + 1
+                return merged
+            os.makedirs(merged, mode=0o700, exist_ok=True)
+            if mounts.is_mountpoint(merged):
+                count = 1  # mounted by an earlier run; its user still holds it
+            else:
+                readonly = os.path.exists(os.path.join(layout.dir(layer_id), "committed"))
+                try:
+                    opts = overlay_options(layout, layer_id, lower, readonly=readonly,
+                                           extra=self._extra_opts, mount_label=mount_label)
+                    mounts.mount_overlay(opts.data, opts.target, opts.relative_to)
+                except (OSError, ValueError) as e:
+                    raise DriverError(
+                        f"cannot mount layer {layer_id} at {merged}: {e}. "
+                        "Check `dmesg` for overlayfs messages."
+                    ) from None
+                count = 0
+            with self._refs_lock:
+                self._refs[layer_id] = count + 1
+            return merged
+
+    def put(self, layer_id: str) -> None:
+        layer_id = self._id(layer_id)
+        with self._locked(layer_id):
+            if not self._lower(layer_id):
+                return
+            with self._refs_lock:
+                count = self._refs.get(layer_id, 0)
+                if count > 1:
+                    self._refs[layer_id] = count - 1
+                    return
+                self._refs.pop(layer_id, None)
+            merged = self.layout.merged(layer_id)
+            try:
+                mounts.unmount(merged)
+            except OSError as e:
+                raise DriverError(f"cannot unmount layer {layer_id} at {merged}: {e}") from None
+            with contextlib.suppress(OSError):
+                os.rmdir(merged)
+
+    # ------------------------------------------------------------------ contents
+
+    def apply_diff(self, layer_id: str, parent: str, stream: IO[bytes]) -> int:
+        layer_id = self._id(layer_id)
+        layout = self.layout
+        with self._locked(layer_id):
+            if not os.path.isdir(layout.dir(layer_id)):
+                raise NotFoundError(f"ApplyDiff: layer {layer_id} does not exist (Create it first)")
+            if (parent or "") != self._parent(layer_id):
+                raise DriverError(
+                    f"ApplyDiff: layer {layer_id} was created on parent "
+                    f"{self._parent(layer_id) or '(none)'}, not {parent or '(none)'}"
+                )
+            marker = layout.applying_marker(layer_id)
+            _write_durably(marker, "")
+            diff = layout.diff(layer_id)
+            try:
+                result = archive.apply_tar(stream, diff)
+            except DriverError as e:
+                raise DriverError(f"layer {layer_id}: {e}") from None
+            except OSError as e:
+                raise DriverError(
+                    f"layer {layer_id}: applying the layer failed: {e}"
+                    + (" (disk full?)" if e.errno == 28 else "")
+                ) from None
+            size = archive.directory_size(diff)
+            if self.config.sync_layers:
+                mounts.syncfs(diff)
+            os.unlink(marker)
+            _fsync_dir(layout.dir(layer_id))
+            log.info("layer %s: applied %d entries (%d whiteouts), %d bytes", layer_id,
+                     result.entries, result.whiteouts, size)
+            return size
+
+    def _use_native(self, layer_id: str, parent: str) -> bool:
+        return self.native_diff and (parent or "") == self._parent(layer_id)
+
+    @contextlib.contextmanager
+    def _views(self, layer_id: str, parent: str) -> Iterator[Tuple[str, Optional[str]]]:
+        """Mounted views of a layer and (optionally) another layer, released afterwards."""
+        view = self.get(layer_id)
+        try:
+            if not parent:
+                yield view, None
+                return
+            pview = self.get(parent)
+            try:
+                yield view, pview
+            finally:
+                self.put(parent)
+        finally:
+            self.put(layer_id)
+
+    def diff(self, layer_id: str, parent: str, out: IO[bytes]) -> None:
+        layer_id = self._id(layer_id)
+        if parent:
+            parent = self._id(parent, "parent id")
+        self._require(layer_id)
+        if self._use_native(layer_id, parent):
+            archive.write_native_diff(out, self.layout.diff(layer_id))
+            return
+        with self._views(layer_id, parent) as (view, pview):
+            archive.export_changes(out, view, archive.changes_dirs(view, pview))
+
+    def changes(self, layer_id: str, parent: str) -> List[archive.Change]:
+        layer_id = self._id(layer_id)
+        if parent:
+            parent = self._id(parent, "parent id")
+        self._require(layer_id)
+        if self._use_native(layer_id, parent):
+            return archive.overlay_changes(self._lower_dirs(layer_id), self.layout.diff(layer_id))
+        with self._views(layer_id, parent) as (view, pview):
+            return archive.changes_dirs(view, pview)
+
+    def diff_size(self, layer_id: str, parent: str) -> int:
+        layer_id = self._id(layer_id)
+        if parent:
+            parent = self._id(parent, "parent id")
+        self._require(layer_id)
+        if self._use_native(layer_id, parent):
+            return archive.directory_size(self.layout.diff(layer_id))
+        with self._views(layer_id, parent) as (view, pview):
+            return archive.changes_size(view, archive.changes_dirs(view, pview))
+
+    # ------------------------------------------------------------------ reporting
+
+    def _layer_ids(self) -> List[str]:
+        out = []
+        for name in os.listdir(self.layout.home):
+            try:
+                validate_id(name)
+            except ValueError:
+                continue
+            if name != "l" and self._complete(name):
+                out.append(name)
+        return out
+
+    def status(self) -> List[List[str]]:
+        if self._layout is None:
+            return [["Driver Version", __version__], ["Initialised", "false"]]
+        with self._refs_lock:
+            mounted = sum(1 for c in self._refs.values() if c > 0)
+        return [
+            ["Backing Filesystem", self.backing_fs],
+            ["Supports d_type", "true"],
+            ["Native Overlay Diff", str(self.native_diff).lower()],
+            ["Layers", str(len(self._layer_ids()))],
+            ["Mounted Layers", str(mounted)],
+            ["Driver Home", self.layout.home],
+            ["Driver Version", __version__],
+        ]
+
+    def metadata(self, layer_id: str) -> Dict[str, str]:
+        layer_id = self._id(layer_id)
+        self._require(layer_id)
+        layout = self.layout
+        meta = {
+            "UpperDir": layout.diff(layer_id),
+            "WorkDir": layout.work(layer_id),
+            "MergedDir": layout.merged(layer_id),
+        }
+        lowers = self._lower_dirs(layer_id)
+        if lowers:
+            meta["LowerDir"] = ":".join(lowers)
+        return meta
+
+    def cleanup(self) -> None:
+        """dockerd is shutting down: unmount every layer."""
+        if self._layout is None:
+            return
+        for point in mounts.mounts_under(self.layout.home):
+            try:
+                mounts.unmount(point)
+            except OSError as e:
+                log.error("cleanup: %s", e)
+        with self._refs_lock:
+            self._refs.clear()

@@ -1,0 +1,302 @@
+"""Docker's plugin protocol over HTTP/1.1 on a unix socket (one thread per connection)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import socketserver
+import stat
+import traceback
+from http.server import BaseHTTPRequestHandler
+from typing import IO, Any, Callable, Dict, Optional
+from urllib.parse import parse_qs, urlsplit
+
+from .driver import Driver
+from .errors import DriverError
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
+SD_LISTEN_FDS_START = 3
+
+
+class ChunkedReader:
+    """A file-like reader of an HTTP/1.1 chunked body."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._left = 0
+        self._done = False
+
+    def _next_chunk(self) -> None:
+        line = self._raw.readline(1024)
+        if not line:
+            raise DriverError("request body ended before the last chunk (client went away?)")
+        try:
+            self._left = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise DriverError(f"malformed chunk header {line[:40]!r}") from None
+        if self._left == 0:
+            while self._raw.readline(1024) not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            self._done = True
+
+    def read(self, n: int = -1) -> bytes:
+        out = bytearray()
+        while not self._done and (n < 0 or len(out) < n):
+            if self._left == 0:
+                self._next_chunk()
+                continue
+            want = self._left if n < 0 else min(self._left, n - len(out))
+            data = self._raw.read(want)
+            if not data:
+                raise DriverError("request body ended inside a chunk (client went away?)")
+            out += data
+            self._left -= len(data)
+            if self._left == 0:
+                self._raw.readline(8)  # CRLF after the chunk data
+        return bytes(out)
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+class LengthReader:
+    def __init__(self, raw: IO[bytes], length: int) -> None:
+        self._raw, self._left = raw, length
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._raw.read(n)
+        self._left -= len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+class ChunkedWriter:
+    """Writes a streamed response body with chunked transfer encoding."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+
+    def write(self, data: bytes) -> int:
+        if data:
+            self._raw.write(b"%x\r\n" % len(data))
+            self._raw.write(data)
+            self._raw.write(b"\r\n")
+        return len(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def close(self) -> None:
+        self._raw.write(b"0\r\n\r\n")
+        self._raw.flush()
+
+
+def _s(req: Dict[str, Any], key: str) -> str:
+    value = req.get(key) or ""
+    if not isinstance(value, str):
+        raise DriverError(f"request field {key} must be a string")
+    return value
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: PluginServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
+        log.debug("http: " + format, *args)
+
+    def address_string(self) -> str:
+        return "unix"
+
+    # ---------------------------------------------------------------- responses
+
+    def _json(self, body: Dict[str, Any], status: int = 200) -> None:
+        data = (json.dumps(body) + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, message: str, status: int = 200) -> None:
+        self._json({"Err": message}, status)
+
+    # ---------------------------------------------------------------- dispatch
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+        url = urlsplit(self.path)
+        method = url.path.lstrip("/")
+        driver = self.server.driver
+        body = self._body_reader()
+        try:
+            if method == "GraphDriver.ApplyDiff":
+                query = parse_qs(url.query)
+                layer = (query.get("id") or [""])[0]
+                parent = (query.get("parent") or [""])[0]
+                try:
+                    size = driver.apply_diff(layer, parent, body)
+                    body.drain()
+                except BaseException:
+                    self.close_connection = True  # the rest of the body is unread
+                    raise
+                self._json({"Size": size})
+                return
+            raw = body.read()
+            try:
+                req = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                raise DriverError(f"{method}: request body is not JSON") from None
+            if not isinstance(req, dict):
+                raise DriverError(f"{method}: request body must be a JSON object")
+            handler = ROUTES.get(method)
+            if handler is None:
+                self._error(f"unknown plugin call {method}", 404)
+                return
+            result = handler(self, driver, req)
+            if result is not None:
+                self._json(result)
+        except DriverError as e:
+            log.warning("%s failed: %s", method, e)
+            self._error(str(e))
+        except Exception as e:
+            log.error("%s failed unexpectedly:\n%s", method, traceback.format_exc())
+            self._error(f"{method}: internal error in the cvmfs graph driver: {e!r} "
+                        "(details in the driver's log)", 500)
+
+    def _body_reader(self) -> Any:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return ChunkedReader(self.rfile)
+        return LengthReader(self.rfile, int(self.headers.get("Content-Length") or 0))
+
+    def _stream_diff(self, driver: Driver, layer: str, parent: str) -> None:
+        driver._require(driver._id(layer))  # fail with a JSON error before streaming
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-tar")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        out = ChunkedWriter(self.wfile)
+        try:
+            driver.diff(layer, parent, out)  # type: ignore[arg-type]
+        except Exception:
+            log.error("Diff %s failed mid-stream:\n%s", layer, traceback.format_exc())
+            self.close_connection = True  # the client sees a truncated tar, not a valid one
+            return
+        out.close()
+
+
+Route = Callable[[Handler, Driver, Dict[str, Any]], Optional[Dict[str, Any]]]
+
+
+def _init(h: Handler, d: Driver, r: Dict[str, Any]) -> Dict[str, Any]:
+    d.init(_s(r, "Home"), r.get("Opts"), r.get("UIDMaps"), r.get("GIDMaps"))
+    return {}
+
+
+def _create(rw: bool) -> Route:
+    def route(h: Handler, d: Driver, r: Dict[str, Any]) -> Dict[str, Any]:
+        d.create(_s(r, "ID"), _s(r, "Parent"), _s(r, "MountLabel"), r.get("StorageOpt"),
+                 read_write=rw)
+        return {}
+    return route
+
+
+def _diff(h: Handler, d: Driver, r: Dict[str, Any]) -> None:
+    h._stream_diff(d, _s(r, "ID"), _s(r, "Parent"))
+
+
+ROUTES: Dict[str, Route] = {
+    "Plugin.Activate": lambda h, d, r: {"Implements": ["GraphDriver"]},
+    "GraphDriver.Init": _init,
+    "GraphDriver.Capabilities": lambda h, d, r: {"Capabilities": {"ReproducesExactDiffs": False}},
+    "GraphDriver.Create": _create(False),
+    "GraphDriver.CreateReadWrite": _create(True),
+    "GraphDriver.Remove": lambda h, d, r: (d.remove(_s(r, "ID")), {})[1],
+    "GraphDriver.Get": lambda h, d, r: {"Dir": d.get(_s(r, "ID"), _s(r, "MountLabel"))},
+    "GraphDriver.Put": lambda h, d, r: (d.put(_s(r, "ID")), {})[1],
+    "GraphDriver.Exists": lambda h, d, r: {"Exists": d.exists(_s(r, "ID"))},
+    "GraphDriver.Status": lambda h, d, r: {"Status": d.status()},
+    "GraphDriver.GetMetadata": lambda h, d, r: {"Metadata": d.metadata(_s(r, "ID"))},
+    "GraphDriver.Cleanup": lambda h, d, r: (d.cleanup(), {})[1],
+    "GraphDriver.Diff": _diff,
+    "GraphDriver.Changes": lambda h, d, r: {
+        "Changes": [c.to_json() for c in d.changes(_s(r, "ID"), _s(r, "Parent"))]
+    },
+    "GraphDriver.DiffSize": lambda h, d, r: {"Size": d.diff_size(_s(r, "ID"), _s(r, "Parent"))},
+}
+
+
+class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def __init__(self, sock: socket.socket, driver: Driver) -> None:
+        super().__init__("", Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self.driver = driver
+
+
+def activated_socket() -> Optional[socket.socket]:
+    """The socket systemd passed us (socket activation), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    if count < 1:
+        return None
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    fd = SD_LISTEN_FDS_START
+    os.set_inheritable(fd, False)
+    return socket.socket(fileno=fd)
+
+
+def bind_socket(path: str) -> socket.socket:
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise DriverError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale socket of a previous run
+        else:
+            raise DriverError(f"another process already serves {path}; stop it first")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # mode 0600: only root may talk to a root daemon
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    return sock
+
+
+def sd_notify(message: str) -> bool:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+    return True
