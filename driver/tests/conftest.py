@@ -1,0 +1,91 @@
+"""Shared fixtures. Integration fixtures start real components; nothing is mocked.
+
+A test that cannot get what it needs is skipped locally with the reason shown, and
+*fails* under CI (CI=true), so a missing install step can never pass as green.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from harness import (  # noqa: E402
+    Dockerd,
+    DriverProcess,
+    Registry,
+    import_busybox,
+    require_tool,
+)
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PLUGIN_NAME = os.environ.get("CVMFS_GRAPHDRIVER_TEST_PLUGIN", "cvmfs")
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip (locally) or fail (in CI) when a test's requirement is missing."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"requirement missing in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def as_root() -> None:
+    need(os.geteuid() == 0, "needs root (mounts, mknod, chown)")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("cgd"))
+
+
+def _need_docker() -> None:
+    need(os.geteuid() == 0, "needs root to run dockerd")
+    for tool in ("dockerd", "docker", "docker-registry"):
+        try:
+            require_tool(tool)
+        except RuntimeError as e:
+            need(False, str(e))
+
+
+@pytest.fixture(scope="session")
+def driver_proc(workdir):
+    _need_docker()
+    d = DriverProcess(PLUGIN_NAME, os.path.join(workdir, "driver")).start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="session")
+def dockerd(driver_proc, workdir):
+    """dockerd using our driver (`-s cvmfs`)."""
+    d = Dockerd(os.path.join(workdir, "dockerd-cvmfs"), PLUGIN_NAME).start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="session")
+def ref_dockerd(workdir):
+    """dockerd using the built-in overlay2 driver, the reference for differential tests."""
+    _need_docker()
+    d = Dockerd(os.path.join(workdir, "dockerd-overlay2"), "overlay2").start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(workdir):
+    _need_docker()
+    r = Registry(os.path.join(workdir, "registry")).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="session")
+def busybox(dockerd, workdir) -> str:
+    return import_busybox(dockerd, workdir)

@@ -1,0 +1,324 @@
+"""Real components for the integration tests: the driver daemon, private dockerds, a registry.
+
+Everything runs on this machine only (unix sockets and 127.0.0.1), each dockerd with its
+own data-root, exec-root, socket and pidfile, and `--bridge=none` so several can coexist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional
+
+PLUGIN_DIR = "/run/docker/plugins"
+
+
+def _wait(cond, timeout: float, what: str, log: Optional[str] = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    tail = ""
+    if log and os.path.exists(log):
+        with open(log, errors="replace") as f:
+            tail = "\n--- log tail ---\n" + "".join(f.readlines()[-40:])
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}{tail}")
+
+
+def _socket_answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(
+            f"{name} is not installed: the integration tests need it (.ci/run installs it)"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+@dataclass
+class DriverProcess:
+    """The cvmfs-graphdriver daemon under test, as dockerd would find it."""
+
+    name: str
+    workdir: str
+    extra_args: List[str] = field(default_factory=list)
+    proc: Optional[subprocess.Popen] = None
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(PLUGIN_DIR, f"{self.name}.sock")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.workdir, "driver.log")
+
+    def start(self) -> "DriverProcess":
+        os.makedirs(self.workdir, exist_ok=True)
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cvmfs_graphdriver", "serve", "--socket", self.socket,
+             "--log-level", "debug", *self.extra_args],
+            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        logf.close()
+        _wait(lambda: self.proc.poll() is not None or _socket_answers(self.socket), 15,
+              f"driver socket {self.socket}", self.log_path)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"driver exited with {self.proc.returncode}; see {self.log_path}")
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        with contextlib.suppress(FileNotFoundError):
+            if not _socket_answers(self.socket):
+                os.unlink(self.socket)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+# ---------------------------------------------------------------------------- dockerd
+
+
+class DockerError(RuntimeError):
+    pass
+
+
+@dataclass
+class Dockerd:
+    """A private dockerd; `docker(...)` runs the CLI against it."""
+
+    root: str
+    storage_driver: str
+    proc: Optional[subprocess.Popen] = None
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.root}/docker.sock"
+
+    @property
+    def data_root(self) -> str:
+        return os.path.join(self.root, "data")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.root, "dockerd.log")
+
+    def start(self) -> "Dockerd":
+        require_tool("dockerd")
+        os.makedirs(self.root, exist_ok=True)
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ["dockerd", "--experimental", "-s", self.storage_driver,
+             "--data-root", self.data_root, "--exec-root", os.path.join(self.root, "exec"),
+             "-H", self.host, "--pidfile", os.path.join(self.root, "dockerd.pid"),
+             "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip6tables=false",
+             "--config-file", self._config_file()],
+            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        logf.close()
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                return True
+            r = subprocess.run(["docker", "-H", self.host, "version", "--format",
+                                "{{.Server.Version}}"], capture_output=True)
+            return r.returncode == 0
+
+        _wait(up, 60, f"dockerd ({self.storage_driver})", self.log_path)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"dockerd exited with {self.proc.returncode}; "
+                               f"see {self.log_path}:\n{self._log_tail()}")
+        return self
+
+    def _config_file(self) -> str:
+        path = os.path.join(self.root, "daemon.json")
+        with open(path, "w") as f:
+            json.dump({}, f)
+        return path
+
+    def _log_tail(self, n: int = 40) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def docker(self, *args: str, input: Optional[bytes] = None, check: bool = True,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+        r = subprocess.run(["docker", "-H", self.host, *args], input=input,
+                           capture_output=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise DockerError(
+                f"docker {' '.join(args)} failed ({r.returncode}):\n"
+                f"{r.stderr.decode(errors='replace')}{r.stdout.decode(errors='replace')[-2000:]}"
+            )
+        return r
+
+    def out(self, *args: str, **kw) -> str:
+        return self.docker(*args, **kw).stdout.decode()
+
+    def info(self) -> Dict:
+        return json.loads(self.out("info", "--format", "{{json .}}"))
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+@dataclass
+class Registry:
+    root: str
+    port: int = 0
+    proc: Optional[subprocess.Popen] = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "Registry":
+        binary = require_tool("docker-registry")
+        os.makedirs(self.root, exist_ok=True)
+        if not self.port:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+        cfg = os.path.join(self.root, "config.yml")
+        with open(cfg, "w") as f:
+            f.write(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+                f"    rootdirectory: {self.root}/data\n  delete:\n    enabled: true\n"
+                f"http:\n  addr: {self.address}\n"
+            )
+        logf = open(os.path.join(self.root, "registry.log"), "ab")
+        self.proc = subprocess.Popen([binary, "serve", cfg], stdout=logf,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        logf.close()
+
+        def up() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        _wait(up, 20, "docker-registry", os.path.join(self.root, "registry.log"))
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+# ---------------------------------------------------------------------------- images
+
+BUSYBOX_APPLETS = (
+    "sh ls cat echo true false rm rmdir mkdir touch ln id stat sleep chmod chown mv cp "
+    "find sort head tail wc sync printf test env mknod mkfifo readlink md5sum sha256sum "
+    "xargs grep sed dd du tar date seq yes uname"
+).split()
+
+
+def busybox_rootfs(dest: str) -> str:
+    """A minimal root filesystem: the static busybox and its applet links."""
+    busybox = "/bin/busybox"
+    if not os.path.exists(busybox):
+        raise RuntimeError("busybox-static is not installed: apt-get install busybox-static")
+    os.makedirs(os.path.join(dest, "bin"), exist_ok=True)
+    for d in ("etc", "tmp", "root", "proc", "sys", "dev", "var/empty"):
+        os.makedirs(os.path.join(dest, d), exist_ok=True)
+    os.chmod(os.path.join(dest, "tmp"), 0o1777)
+    shutil.copy2(busybox, os.path.join(dest, "bin", "busybox"))
+    for applet in BUSYBOX_APPLETS:
+        link = os.path.join(dest, "bin", applet)
+        if not os.path.lexists(link):
+            os.symlink("busybox", link)
+    with open(os.path.join(dest, "etc", "passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
+    with open(os.path.join(dest, "etc", "group"), "w") as f:
+        f.write("root:x:0:\nnogroup:x:65534:\n")
+    return dest
+
+
+def tar_of(directory: str) -> bytes:
+    r = subprocess.run(["tar", "-C", directory, "--numeric-owner", "--xattrs",
+                        "--xattrs-include=*", "-c", "."], capture_output=True, check=True)
+    return r.stdout
+
+
+def import_busybox(dockerd: Dockerd, workdir: str, tag: str = "busybox:test") -> str:
+    root = busybox_rootfs(os.path.join(workdir, "busybox-rootfs"))
+    dockerd.docker("import", "-c", 'CMD ["/bin/sh"]', "-", tag, input=tar_of(root))
+    return tag
+
+
+@contextlib.contextmanager
+def running(d: Dockerd, *args: str) -> Iterator[str]:
+    cid = d.out("run", "-d", "--network", "none", *args).strip()
+    try:
+        yield cid
+    finally:
+        d.docker("rm", "-f", cid, check=False)
+
+
+def export_manifest(data: bytes) -> Dict[str, tuple]:
+    """What a user compares in an exported filesystem: everything but times."""
+    import hashlib
+    import io
+
+    out: Dict[str, tuple] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
+        for m in tf:
+            name = m.name.rstrip("/")
+            if m.isreg():
+                f = tf.extractfile(m)
+                digest = hashlib.sha256(f.read() if f else b"").hexdigest()
+            else:
+                digest = ""
+            xattrs = tuple(sorted((k, v) for k, v in m.pax_headers.items()
+                                  if k.startswith("SCHILY.xattr.")))
+            kind = m.type.decode() if isinstance(m.type, bytes) else str(m.type)
+            out[name] = (kind, oct(m.mode), m.uid, m.gid, m.size, digest,
+                         m.linkname if (m.issym() or m.islnk()) else "", m.devmajor if m.ischr() else 0,
+                         m.devminor if m.ischr() else 0, xattrs)
+    return out
