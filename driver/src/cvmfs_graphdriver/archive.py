@@ -197,7 +197,9 @@ def apply_tar(stream: IO[bytes], root: str) -> ApplyResult:
     dir_times: List[Tuple[List[str], Tuple[int, int]]] = []
     try:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape")
+            tar = tarfile.open(  # noqa: SIM115 (closed by the with below)
+                fileobj=stream, mode="r|", errors="surrogateescape"
+            )
         except tarfile.ReadError as e:
             raise DriverError(f"layer data is not a valid uncompressed tar: {e}") from None
         with tar:
@@ -227,7 +229,9 @@ def _apply_member(
     parts = split_member_name(member.name)
     if not parts:
         if not member.isdir():
-            raise UnsafeLayerError(f"tar entry {member.name!r} names the layer root but is not a directory")
+            raise UnsafeLayerError(
+                f"tar entry {member.name!r} names the layer root but is not a directory"
+            )
         _set_metadata(root_fd, None, member, is_link=False)
         dir_times.append(([], _member_times(member)))
         return
@@ -442,8 +446,9 @@ class TarWriter:
     """Writes tar entries the way moby's archiver does (PAX, whole-second mtimes)."""
 
     def __init__(self, out: IO[bytes]) -> None:
-        self._tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
-                                 errors="surrogateescape")
+        self._tar = tarfile.open(  # noqa: SIM115 (closed by close())
+            fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, errors="surrogateescape"
+        )
         self._inodes: Dict[Tuple[int, int], str] = {}
 
     def add(self, full: str, name: str, st: os.stat_result) -> None:
@@ -454,7 +459,7 @@ class TarWriter:
         ti.mtime = int(st.st_mtime)
         cap = None if stat.S_ISLNK(st.st_mode) else _getxattr(full, CAPABILITY_XATTR)
         if cap is not None:
-            ti.pax_headers[PAX_XATTR + CAPABILITY_XATTR] = cap.decode("utf-8", "surrogateescape")
+            ti.pax_headers = {PAX_XATTR + CAPABILITY_XATTR: cap.decode("utf-8", "surrogateescape")}
         mode = st.st_mode
         if stat.S_ISREG(mode) and st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -38,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="flush each applied layer to disk before reporting it (default)")
     sync.add_argument("--no-sync-layers", dest="sync_layers", action="store_false",
                       help="do not flush applied layers (faster, unsafe on power loss)")
-    sub.add_parser("show-config", help="print the effective configuration")
+    show = sub.add_parser("show-config", help="print the effective configuration")
+    show.add_argument("--config", metavar="FILE", help="configuration file to read")
     return p
 
 
@@ -70,10 +72,8 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
         if bound_path:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(bound_path)
-            except FileNotFoundError:
-                pass
     return 0
 
 
@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "serve":
             return serve(args)
         if args.command == "show-config":
-            cfg = load(None)
+            cfg = load(args.config)
             for key, value in vars(cfg).items():
                 print(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
             return 0

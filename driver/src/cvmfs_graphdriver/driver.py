@@ -108,7 +108,9 @@ class Driver:
 
     # ------------------------------------------------------------------ Init
 
-    def init(self, home: str, opts: Optional[List[str]], uid_maps: object, gid_maps: object) -> None:
+    def init(
+        self, home: str, opts: Optional[List[str]], uid_maps: object, gid_maps: object
+    ) -> None:
         if not home or not os.path.isabs(home):
             raise DriverError(f"Init: home must be an absolute path, got {home!r}")
         if uid_maps or gid_maps:

@@ -176,8 +176,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body_reader(self) -> Any:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return ChunkedReader(self.rfile)
-        return LengthReader(self.rfile, int(self.headers.get("Content-Length") or 0))
+            return ChunkedReader(self.rfile)  # type: ignore[arg-type]
+        length = int(self.headers.get("Content-Length") or 0)
+        return LengthReader(self.rfile, length)  # type: ignore[arg-type]
 
     def _stream_diff(self, driver: Driver, layer: str, parent: str) -> None:
         driver._require(driver._id(layer))  # fail with a JSON error before streaming
@@ -185,7 +186,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/x-tar")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        out = ChunkedWriter(self.wfile)
+        out = ChunkedWriter(self.wfile)  # type: ignore[arg-type]
         try:
             driver.diff(layer, parent, out)  # type: ignore[arg-type]
         except Exception:
@@ -211,6 +212,21 @@ def _create(rw: bool) -> Route:
     return route
 
 
+def _remove(h: Handler, d: Driver, r: Dict[str, Any]) -> Dict[str, Any]:
+    d.remove(_s(r, "ID"))
+    return {}
+
+
+def _put(h: Handler, d: Driver, r: Dict[str, Any]) -> Dict[str, Any]:
+    d.put(_s(r, "ID"))
+    return {}
+
+
+def _cleanup(h: Handler, d: Driver, r: Dict[str, Any]) -> Dict[str, Any]:
+    d.cleanup()
+    return {}
+
+
 def _diff(h: Handler, d: Driver, r: Dict[str, Any]) -> None:
     h._stream_diff(d, _s(r, "ID"), _s(r, "Parent"))
 
@@ -221,13 +237,13 @@ ROUTES: Dict[str, Route] = {
     "GraphDriver.Capabilities": lambda h, d, r: {"Capabilities": {"ReproducesExactDiffs": False}},
     "GraphDriver.Create": _create(False),
     "GraphDriver.CreateReadWrite": _create(True),
-    "GraphDriver.Remove": lambda h, d, r: (d.remove(_s(r, "ID")), {})[1],
+    "GraphDriver.Remove": _remove,
     "GraphDriver.Get": lambda h, d, r: {"Dir": d.get(_s(r, "ID"), _s(r, "MountLabel"))},
-    "GraphDriver.Put": lambda h, d, r: (d.put(_s(r, "ID")), {})[1],
+    "GraphDriver.Put": _put,
     "GraphDriver.Exists": lambda h, d, r: {"Exists": d.exists(_s(r, "ID"))},
     "GraphDriver.Status": lambda h, d, r: {"Status": d.status()},
     "GraphDriver.GetMetadata": lambda h, d, r: {"Metadata": d.metadata(_s(r, "ID"))},
-    "GraphDriver.Cleanup": lambda h, d, r: (d.cleanup(), {})[1],
+    "GraphDriver.Cleanup": _cleanup,
     "GraphDriver.Diff": _diff,
     "GraphDriver.Changes": lambda h, d, r: {
         "Changes": [c.to_json() for c in d.changes(_s(r, "ID"), _s(r, "Parent"))]
