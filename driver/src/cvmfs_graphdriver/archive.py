@@ -365,7 +365,11 @@ def _set_metadata(fd: int, name: Optional[str], member: tarfile.TarInfo, *, is_l
         path = _proc_path(fd, name)
     for key, value in _member_xattrs(member).items():
         try:
-            os.setxattr(path, key, value, follow_symlinks=False)
+            if name is None:
+                # fsetxattr: lsetxattr on the /proc/self/fd magic link itself is ENOTSUP.
+                os.setxattr(fd, key, value)
+            else:
+                os.setxattr(path, key, value, follow_symlinks=False)
         except OSError as e:
             if e.errno in (errno.ENOTSUP, errno.EPERM):
                 log.warning("tar entry %r: cannot set xattr %s: %s", member.name, key, e)
@@ -506,7 +510,16 @@ class TarWriter:
         self._tar.addfile(ti)
 
     def close(self) -> None:
-        self._tar.close()
+        # End with two zero blocks and nothing more, as Go's archive/tar does. tarfile would
+        # pad to a 10 KiB record, and dockerd hashes the whole stream: an unchanged container
+        # would then commit as a non-empty layer instead of Docker's empty layer.
+        tar = self._tar
+        if tar.closed:
+            return
+        tar.closed = True
+        tar.fileobj.write(tarfile.NUL * (tarfile.BLOCKSIZE * 2))
+        tar.offset += tarfile.BLOCKSIZE * 2
+        tar.fileobj.close()  # flushes the stream buffer; the caller's `out` stays open
 
 
 def write_native_diff(out: IO[bytes], diff_dir: str) -> None:
@@ -669,7 +682,9 @@ def _cap(p: str, st: Optional[os.stat_result]) -> Optional[bytes]:
 def _stat_different(o: os.stat_result, n: os.stat_result) -> bool:
     if (o.st_mode, o.st_uid, o.st_gid, o.st_rdev) != (n.st_mode, n.st_uid, n.st_gid, n.st_rdev):
         return True
-    if not stat.S_ISDIR(o.st_mode):
+    # moby tests `mode & S_IFDIR != S_IFDIR`, so block devices (and sockets) share the
+    # directories' exemption from the mtime/size comparison.
+    if o.st_mode & stat.S_IFDIR != stat.S_IFDIR:
         return not _same_time(o.st_mtime_ns, n.st_mtime_ns) or o.st_size != n.st_size
     return False
 

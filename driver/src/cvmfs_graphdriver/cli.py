@@ -12,12 +12,20 @@ import threading
 from typing import List, Optional
 
 from . import __version__
-from .config import DEFAULT_CONFIG_PATH, LOG_LEVELS, ConfigError, load
+from .config import DEFAULT_CONFIG_PATH, LOG_LEVELS, ConfigError, load, parse_list
 from .driver import Driver
 from .errors import DriverError
 from .server import PluginServer, activated_socket, bind_socket, sd_notify
 
 log = logging.getLogger("cvmfs_graphdriver")
+
+STATE_DIR = "/run/cvmfs-graphdriver"
+
+
+def state_file(socket_path: str) -> str:
+    """Where the daemon serving `socket_path` records dockerd's Init (gone after a reboot,
+    like the mounts)."""
+    return os.path.join(STATE_DIR, os.path.basename(socket_path) + ".init.json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,14 +47,21 @@ def _parser() -> argparse.ArgumentParser:
                       help="flush each applied layer to disk before reporting it (default)")
     sync.add_argument("--no-sync-layers", dest="sync_layers", action="store_false",
                       help="do not flush applied layers (faster, unsafe on power loss)")
+    s.add_argument("--cvmfs-root", metavar="DIR",
+                   help="where CVMFS repositories are mounted (default /cvmfs)")
+    s.add_argument("--repositories", metavar="REPO[,REPO...]",
+                   help="repositories thin images may use (replaces the configured list)")
     show = sub.add_parser("show-config", help="print the effective configuration")
     show.add_argument("--config", metavar="FILE", help="configuration file to read")
     return p
 
 
 def serve(args: argparse.Namespace) -> int:
-    cfg = load(args.config).replace(socket=args.socket, log_level=args.log_level,
-                                    sync_layers=args.sync_layers)
+    cfg = load(args.config).replace(
+        socket=args.socket, log_level=args.log_level, sync_layers=args.sync_layers,
+        cvmfs_root=args.cvmfs_root,
+        repositories=None if args.repositories is None else parse_list(args.repositories),
+    )
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     sock = activated_socket()
@@ -54,7 +69,9 @@ def serve(args: argparse.Namespace) -> int:
     if sock is None:
         sock = bind_socket(cfg.socket)
         bound_path = cfg.socket
-    server = PluginServer(sock, Driver(cfg))
+    driver = Driver(cfg, state_file=state_file(cfg.socket))
+    driver.restore()
+    server = PluginServer(sock, driver)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping (mounts stay: running containers keep their layers)",
@@ -85,7 +102,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "show-config":
             cfg = load(args.config)
             for key, value in vars(cfg).items():
-                print(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+                if isinstance(value, bool):
+                    value = str(value).lower()
+                elif isinstance(value, tuple):
+                    value = ", ".join(value)
+                print(f"{key} = {value}")
             return 0
     except (ConfigError, DriverError) as e:
         print(f"cvmfs-graphdriver: {e}", file=sys.stderr)

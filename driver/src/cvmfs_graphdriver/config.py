@@ -9,6 +9,11 @@
     log_level = info
     # Flush each applied layer to disk before reporting it complete (safe after power loss).
     sync_layers = true
+    # Where CVMFS repositories are mounted; thin layers cvmfs://REPO/PATH resolve to
+    # <cvmfs_root>/REPO/PATH.
+    cvmfs_root = /cvmfs
+    # Repositories thin images may use (comma separated). Empty: thin images are refused.
+    repositories =
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import configparser
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 DEFAULT_CONFIG_PATH = "/etc/cvmfs-graphdriver/config.ini"
 SECTION = "driver"
@@ -33,6 +38,8 @@ class Config:
     socket: str = "/run/docker/plugins/cvmfs.sock"
     log_level: str = "info"
     sync_layers: bool = True
+    cvmfs_root: str = "/cvmfs"
+    repositories: Tuple[str, ...] = ()
 
     def replace(self, **changes: Any) -> Config:
         return validate(dataclasses.replace(self, **{k: v for k, v in changes.items()
@@ -53,7 +60,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"log_level = {cfg.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
     if not os.path.isabs(cfg.socket):
         raise ConfigError(f"socket = {cfg.socket!r}: must be an absolute path")
+    if not os.path.isabs(cfg.cvmfs_root):
+        raise ConfigError(f"cvmfs_root = {cfg.cvmfs_root!r}: must be an absolute path")
+    from .thin import DescriptorError, check_repository_name
+
+    for repo in cfg.repositories:
+        try:
+            check_repository_name(repo)
+        except DescriptorError as e:
+            raise ConfigError(f"repositories: {e}") from None
     return cfg
+
+
+def parse_list(value: str) -> Tuple[str, ...]:
+    """A comma (or space) separated list, as in CVMFS_REPOSITORIES."""
+    return tuple(sorted({v for v in value.replace(",", " ").split() if v}))
 
 
 def parse(text: str, source: str = "<config>") -> Config:
@@ -73,7 +94,13 @@ def parse(text: str, source: str = "<config>") -> Config:
                     f"{source}: unknown key {key!r} in [{SECTION}]; known keys: "
                     + ", ".join(sorted(known))
                 )
-            values[key] = _parse_bool(key, raw) if known[key].type in (bool, "bool") else raw
+            kind = known[key].type
+            if kind in (bool, "bool"):
+                values[key] = _parse_bool(key, raw)
+            elif key == "repositories":
+                values[key] = parse_list(raw)
+            else:
+                values[key] = raw
     try:
         return validate(Config(**values))
     except ConfigError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -14,6 +15,8 @@ from . import __version__, archive, mounts
 from .config import Config
 from .errors import DriverError, NotFoundError
 from .layout import Layout, lower_chain, new_short_id, overlay_options, validate_id
+from .thin import DescriptorError
+from .thinstack import ThinStacks
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +44,13 @@ def _fsync_dir(path: str) -> None:
 class Driver:
     """Layers under one home directory, laid out as overlay2 lays them out."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, state_file: Optional[str] = None) -> None:
         self.config = config
+        # Where Init's home is remembered: dockerd calls Init only once, so a driver
+        # restarted under a running dockerd must resume from it (see restore()).
+        self.state_file = state_file
         self._layout: Optional[Layout] = None
+        self._thin: Optional[ThinStacks] = None
         self._refs: Dict[str, int] = {}
         self._refs_lock = threading.Lock()
         self._locks: Dict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -99,12 +106,18 @@ class Driver:
             return ""
 
     def _lower_dirs(self, layer_id: str) -> List[str]:
-        """Absolute diff dirs of the layer's parents, uppermost first."""
+        """Absolute lower dirs of the layer, uppermost first, thin layers expanded."""
         out = []
-        for entry in filter(None, self._lower(layer_id).split(":")):
+        for entry in filter(None, self.thin.expand(self._lower(layer_id)).split(":")):
             link = os.path.join(self.layout.home, entry)
             out.append(os.path.normpath(os.path.join(self.layout.links, os.readlink(link))))
         return out
+
+    @property
+    def thin(self) -> ThinStacks:
+        if self._thin is None:
+            raise DriverError("the driver is not initialised yet: dockerd must call Init first")
+        return self._thin
 
     # ------------------------------------------------------------------ Init
 
@@ -142,10 +155,49 @@ class Driver:
         self._extra_opts = "index=off," if mounts.overlay_index_param() else ""
         with self._refs_lock:
             self._layout = layout
+            self._thin = ThinStacks(layout, self.config, self._locked)
             self._refs = {}
         self._recover()
+        self._save_state(layout.home)
         log.info("initialised home %s on %s (native diff %s)", layout.home, self.backing_fs,
                  self.native_diff)
+
+    def _save_state(self, home: str) -> None:
+        if not self.state_file:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.state_file), mode=0o755, exist_ok=True)
+            tmp = f"{self.state_file}.tmp"
+            _write_durably(tmp, json.dumps({"Home": home}) + "\n")
+            os.rename(tmp, self.state_file)
+        except OSError as e:
+            log.warning("cannot record the driver home in %s (a restart of the driver will "
+                        "need a dockerd restart): %s", self.state_file, e)
+
+    def restore(self) -> bool:
+        """Init again with the home of the last Init, if one was recorded.
+
+        dockerd calls Init once at its start; when only the driver restarts (crash,
+        upgrade), it must carry on with the same home, adopting mounts still in use.
+        """
+        if not self.state_file:
+            return False
+        try:
+            with open(self.state_file, encoding="utf-8") as f:
+                home = json.load(f)["Home"]
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable state file %s: %s", self.state_file, e)
+            return False
+        try:
+            self.init(home, None, None, None)
+        except (OSError, DriverError) as e:
+            log.warning("cannot resume with home %s from %s (waiting for dockerd's Init): %s",
+                        home, self.state_file, e)
+            return False
+        log.info("resumed with home %s (recorded by the previous run)", home)
+        return True
 
     def _recover(self) -> None:
         """Make the home consistent after a crash, adopting mounts still in use."""
@@ -184,6 +236,9 @@ class Driver:
                 self._refs[name] = 1  # a container still uses it; its Put will release it
         for short in os.listdir(layout.links):
             link = layout.short_link(short)
+            with contextlib.suppress(OSError):
+                if os.path.isabs(os.readlink(link)):
+                    continue  # into CVMFS: checked when mounted, never touched here
             if not os.path.exists(link):
                 log.warning("removing dangling link %s", link)
                 with contextlib.suppress(FileNotFoundError):
@@ -249,6 +304,7 @@ class Driver:
 
     def _remove_layer_dir(self, layer_id: str) -> None:
         layout = self.layout
+        self.thin.forget(layer_id)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(layout.short_link(_read(layout.link_file(layer_id))))
         # Move aside first: an interrupted removal leaves nothing that looks like a layer.
@@ -282,6 +338,7 @@ class Driver:
                 count = 1  # mounted by an earlier run; its user still holds it
             else:
                 readonly = os.path.exists(os.path.join(layout.dir(layer_id), "committed"))
+                lower = self.thin.expand(lower)  # checks CVMFS before anything is mounted
                 try:
                     opts = overlay_options(layout, layer_id, lower, readonly=readonly,
                                            extra=self._extra_opts, mount_label=mount_label)
@@ -341,6 +398,11 @@ class Driver:
                     + (" (disk full?)" if e.errno == 28 else "")
                 ) from None
             size = archive.directory_size(diff)
+            try:
+                self.thin.record(layer_id)
+            except DescriptorError as e:
+                raise DriverError(f"layer {layer_id} is a thin image layer that cannot be used: "
+                                  f"{e}") from None
             if self.config.sync_layers:
                 mounts.syncfs(diff)
             os.unlink(marker)
@@ -384,8 +446,9 @@ class Driver:
         if parent:
             parent = self._id(parent, "parent id")
         self._require(layer_id)
-        if self._use_native(layer_id, parent):
-            return archive.overlay_changes(self._lower_dirs(layer_id), self.layout.diff(layer_id))
+        # Always compare the mounted trees, as overlay2 has done since moby PR #37313
+        # (Docker 18.06): reading the upper dir reports an opaque dir as deleted and misses
+        # what it hides, so `docker diff` would differ from overlay2's.
         with self._views(layer_id, parent) as (view, pview):
             return archive.changes_dirs(view, pview)
 
@@ -416,16 +479,36 @@ class Driver:
         if self._layout is None:
             return [["Driver Version", __version__], ["Initialised", "false"]]
         with self._refs_lock:
-            mounted = sum(1 for c in self._refs.values() if c > 0)
-        return [
+            mounted = [i for i, c in self._refs.items() if c > 0]
+        layers = self._layer_ids()
+        # Which repositories thin layers come from, and how many mounted layers
+        # (running containers) stand on each.
+        thin_layers: Dict[str, int] = {}
+        for layer in layers:
+            desc = self.thin.descriptor(layer)
+            for repo in desc.repositories if desc else ():
+                thin_layers[repo] = thin_layers.get(repo, 0) + 1
+        in_use: Dict[str, int] = {}
+        for layer in mounted:
+            for repo in self.thin.repositories_below(self._lower(layer)):
+                in_use[repo] = in_use.get(repo, 0) + 1
+        rows = [
             ["Backing Filesystem", self.backing_fs],
             ["Supports d_type", "true"],
             ["Native Overlay Diff", str(self.native_diff).lower()],
-            ["Layers", str(len(self._layer_ids()))],
-            ["Mounted Layers", str(mounted)],
+            ["Layers", str(len(layers))],
+            ["Mounted Layers", str(len(mounted))],
             ["Driver Home", self.layout.home],
             ["Driver Version", __version__],
+            ["CVMFS Root", self.config.cvmfs_root],
+            ["CVMFS Repositories", ", ".join(self.config.repositories) or "none (thin off)"],
+            ["Thin Layers", str(sum(1 for la in layers if self.thin.is_thin(la)))],
         ]
+        for repo in sorted(set(thin_layers) | set(in_use)):
+            rows.append([f"Repository {repo}",
+                         f"{thin_layers.get(repo, 0)} thin layers, "
+                         f"{in_use.get(repo, 0)} mounted layers on them"])
+        return rows
 
     def metadata(self, layer_id: str) -> Dict[str, str]:
         layer_id = self._id(layer_id)
@@ -436,9 +519,20 @@ class Driver:
             "WorkDir": layout.work(layer_id),
             "MergedDir": layout.merged(layer_id),
         }
-        lowers = self._lower_dirs(layer_id)
+        try:
+            lowers = self._lower_dirs(layer_id)
+        except DriverError as e:  # CVMFS unreachable: say so, do not fail `docker inspect`
+            meta["LowerDirError"] = str(e)
+            lowers = []
         if lowers:
             meta["LowerDir"] = ":".join(lowers)
+        own = self.thin.descriptor(layer_id)
+        repos = self.thin.repositories_below(self._lower(layer_id))
+        if own is not None:
+            repos.update(own.repositories)
+            meta["ThinLayers"] = " ".join(la.url for la in own.layers)
+        if repos:
+            meta["CVMFSRepositories"] = ",".join(sorted(repos))
         return meta
 
     def cleanup(self) -> None:

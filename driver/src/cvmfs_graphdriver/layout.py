@@ -34,7 +34,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def validate_id(layer_id: str, what: str = "layer id") -> str:
-    if not isinstance(layer_id, str) or not _ID_RE.match(layer_id) or ".." in layer_id:
+    if not isinstance(layer_id, str) or not _ID_RE.fullmatch(layer_id) or ".." in layer_id:
         raise ValueError(
             f"invalid {what} {layer_id!r}: expected letters, digits, '_', '-', '.' "
             "(dockerd sends 64-hex ids)"

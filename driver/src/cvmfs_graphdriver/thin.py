@@ -1,0 +1,359 @@
+"""Thin images: descriptors that point at unpacked layers in CernVM-FS, and whiteout masks.
+
+A thin layer's diff holds only `thin.json`. When such a layer is a parent, its CVMFS
+layer directories go into the overlay lower stack instead of its own diff.
+
+Layer trees published through `cvmfs_server ingest` (DUCC, `cvmfs-thin --store cvmfs:`)
+hold whiteouts as ordinary `.wh.NAME` / `.wh..wh..opq` files, which overlayfs ignores.
+So the driver puts a small local *mask* directory between consecutive CVMFS layers:
+
+    mask[k] (between layer k and layer k+1, k = 0..n; layer n+1 is whatever comes above)
+      - a 0:0 char device over every marker file of layer k   (hides the literal `.wh.*`)
+      - a 0:0 char device for every name layer k+1 deletes     (`.wh.NAME` in layer k+1)
+      - an opaque directory for every dir layer k+1 made opaque (`.wh..wh..opq`)
+
+Directories a mask must contain to hold those entries copy the owner, mode and mtime of
+the directory they stand over, so the container sees the same directory attributes.
+Markers are found from metadata only (directory listings, no file contents) once per
+CVMFS layer, and cached under the driver home.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+
+from .errors import DriverError
+
+DESCRIPTOR_NAME = "thin.json"
+SUPPORTED_MAJOR = "1"
+MAX_THIN_LAYERS = 125  # dockerd's own cap on image layers
+MAX_DESCRIPTOR_BYTES = 1 << 20
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
+_DIGEST_RE = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
+
+
+class DescriptorError(DriverError):
+    """A thin.json that cannot be used; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class ThinLayer:
+    repo: str
+    path: str  # relative to the repository root, normalised, no '..'
+    digest: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"cvmfs://{self.repo}/{self.path}"
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    version: str
+    layers: Tuple[ThinLayer, ...]  # base first, as in the image manifest
+    origin: str = ""
+
+    @property
+    def repositories(self) -> List[str]:
+        return sorted({layer.repo for layer in self.layers})
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "version": self.version,
+            "origin": self.origin,
+            "layers": [{"digest": la.digest, "url": la.url} for la in self.layers],
+        }, indent=2) + "\n"
+
+
+def _clean_path(raw: str, where: str) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise DescriptorError(f"{where}: empty layer path")
+    if "\x00" in raw:
+        raise DescriptorError(f"{where}: layer path contains a NUL byte")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise DescriptorError(f"{where}: layer path {raw!r} climbs out of the repository with '..'")
+    if not parts:
+        raise DescriptorError(f"{where}: layer path {raw!r} names the repository root")
+    return "/".join(parts)
+
+
+def check_repository_name(repo: object) -> str:
+    if not isinstance(repo, str) or not _REPO_RE.match(repo) or ".." in repo:
+        raise DescriptorError(f"invalid repository name {repo!r}")
+    return repo
+
+
+def _check_repo(repo: object, where: str, allowed: Optional[FrozenSet[str]]) -> str:
+    try:
+        check_repository_name(repo)
+    except DescriptorError as e:
+        raise DescriptorError(f"{where}: {e}") from None
+    assert isinstance(repo, str)
+    if allowed is not None and repo not in allowed:
+        listed = ", ".join(sorted(allowed)) or "none"
+        raise DescriptorError(
+            f"{where}: repository {repo} is not allowed on this node (allowed: {listed}); "
+            "add it to `repositories` in /etc/cvmfs-graphdriver/config.ini"
+        )
+    return repo
+
+
+def parse_layer(entry: object, index: int, allowed: Optional[FrozenSet[str]]) -> ThinLayer:
+    where = f"thin.json layer {index}"
+    if not isinstance(entry, dict):
+        raise DescriptorError(f"{where}: expected an object, got {type(entry).__name__}")
+    digest = entry.get("digest", "")
+    if not isinstance(digest, str) or (digest and not _DIGEST_RE.match(digest)):
+        raise DescriptorError(f"{where}: invalid digest {digest!r}")
+    digest = digest.split(":")[-1]
+    url = entry.get("url")
+    if url is not None:
+        if not isinstance(url, str) or not url.startswith("cvmfs://"):
+            scheme = url.split("://")[0] if isinstance(url, str) and "://" in url else url
+            raise DescriptorError(
+                f"{where}: unsupported URL {url!r} (scheme {scheme!r}); "
+                "thin layers must be cvmfs://REPOSITORY/PATH"
+            )
+        rest = url[len("cvmfs://"):]
+        repo, _, path = rest.partition("/")
+        repo = _check_repo(repo, where, allowed)
+        return ThinLayer(repo, _clean_path(path, where), digest)
+    # The first CVMFS graph driver: {"digest", "repo", "location"} meaning
+    # <repo>/<location or "layers">/<digest>.
+    if "repo" in entry:
+        repo = _check_repo(entry["repo"], where, allowed)
+        if not digest:
+            raise DescriptorError(f"{where}: a layer given by repo/location needs its digest")
+        location = entry.get("location") or "layers"
+        if not isinstance(location, str):
+            raise DescriptorError(f"{where}: location must be a string")
+        return ThinLayer(repo, _clean_path(f"{location}/{digest}", where), digest)
+    raise DescriptorError(f"{where}: needs a `url` (cvmfs://REPO/PATH) or `repo` and `digest`")
+
+
+def parse_descriptor(data: bytes, allowed: Optional[Iterable[str]] = None,
+                     max_layers: int = MAX_THIN_LAYERS) -> Descriptor:
+    """Validate a thin.json; `allowed` None accepts any repository (publisher side)."""
+    allow = frozenset(allowed) if allowed is not None else None
+    if len(data) > MAX_DESCRIPTOR_BYTES:
+        raise DescriptorError(f"thin.json is {len(data)} bytes; at most {MAX_DESCRIPTOR_BYTES}")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DescriptorError(f"thin.json is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise DescriptorError("thin.json must be a JSON object")
+    version = doc.get("version")
+    if not isinstance(version, str) or version.split(".")[0] != SUPPORTED_MAJOR:
+        raise DescriptorError(
+            f"thin.json version {version!r} is not supported (this driver reads 1.x); "
+            "upgrade cvmfs-graphdriver or republish the image"
+        )
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise DescriptorError("thin.json has no layers")
+    if len(layers) > max_layers:
+        raise DescriptorError(
+            f"thin.json lists {len(layers)} layers; at most {max_layers} can be stacked "
+            "(publish the image with --flat)"
+        )
+    origin = doc.get("origin", "")
+    return Descriptor(
+        version=version,
+        layers=tuple(parse_layer(e, i, allow) for i, e in enumerate(layers)),
+        origin=origin if isinstance(origin, str) else "",
+    )
+
+
+def resolve_layer_dir(cvmfs_root: str, layer: ThinLayer) -> str:
+    """The real directory of a layer, checked to lie inside its repository.
+
+    Symlinks inside the repository are followed, but the result must stay below
+    <cvmfs_root>/<repo>; a missing repository or layer gives an error that says which
+    and how to check the client.
+    """
+    repo_dir = os.path.join(cvmfs_root, layer.repo)
+    if not os.path.isdir(repo_dir):
+        raise DriverError(
+            f"CVMFS repository {layer.repo} is not available at {repo_dir}: check the CVMFS "
+            f"client on this node (`cvmfs_config probe {layer.repo}`, "
+            f"`ls {repo_dir}`) and that {layer.repo} is in CVMFS_REPOSITORIES"
+        )
+    real_repo = os.path.realpath(repo_dir)
+    wanted = os.path.join(repo_dir, layer.path)
+    real = os.path.realpath(wanted)
+    if real != real_repo and not real.startswith(real_repo + os.sep):
+        raise DriverError(
+            f"thin layer {layer.url} resolves to {real}, outside repository {layer.repo}; "
+            "refusing to mount it"
+        )
+    if not os.path.isdir(real):
+        raise DriverError(
+            f"thin layer {layer.url} is missing: {wanted} is not a directory. The image "
+            f"refers to a layer that is not (or no longer) published in {layer.repo}; check "
+            f"`ls {os.path.dirname(wanted)}` and the CVMFS client (`cvmfs_config probe "
+            f"{layer.repo}`)"
+        )
+    return real
+
+
+# ---------------------------------------------------------------------------- whiteouts
+
+
+@dataclass
+class LayerMarkers:
+    """The whiteout markers of one published layer (paths relative, '/'-separated)."""
+
+    markers: List[str]  # every `.wh.*` file itself
+    deleted: List[str]  # names the layer deletes from below
+    opaque: List[str]  # directories the layer makes opaque
+
+    def to_json(self) -> str:
+        return json.dumps({"markers": self.markers, "deleted": self.deleted,
+                           "opaque": self.opaque})
+
+    @classmethod
+    def from_json(cls, text: str) -> LayerMarkers:
+        doc = json.loads(text)
+        return cls(list(doc["markers"]), list(doc["deleted"]), list(doc["opaque"]))
+
+    @property
+    def empty(self) -> bool:
+        return not self.markers
+
+
+def scan_markers(layer_dir: str) -> LayerMarkers:
+    """Find whiteout marker files by listing directories only (no file is opened)."""
+    out = LayerMarkers([], [], [])
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(layer_dir, rel) if rel else layer_dir) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            path = f"{rel}/{entry.name}" if rel else entry.name
+            if entry.name.startswith(WHITEOUT_PREFIX):
+                out.markers.append(path)
+                if entry.name == WHITEOUT_OPAQUE:
+                    out.opaque.append(rel)
+                elif not entry.name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+                    target = entry.name[len(WHITEOUT_PREFIX):]
+                    if target not in ("", ".", ".."):
+                        out.deleted.append(f"{rel}/{target}" if rel else target)
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(path)
+    return out
+
+
+@dataclass
+class MaskPlan:
+    """What one mask directory holds."""
+
+    whiteouts: Set[str]
+    opaque: Set[str]
+
+    @property
+    def empty(self) -> bool:
+        return not self.whiteouts and not self.opaque
+
+
+def _below_any(path: str, roots: Set[str]) -> bool:
+    parts = path.split("/")
+    return any("/".join(parts[:i]) in roots for i in range(1, len(parts)))
+
+
+def plan_masks(layers: Sequence[LayerMarkers]) -> List[MaskPlan]:
+    """mask[k] for k = 0..n, given the markers of layers 1..n (index 0 = layer 1)."""
+    n = len(layers)
+    plans = []
+    for k in range(n + 1):
+        below = layers[k - 1] if k >= 1 else None
+        above = layers[k] if k < n else None
+        deleted: Set[str] = set(above.deleted) if above else set()
+        opaque: Set[str] = {d for d in above.opaque if d} if above else set()
+        # A deleted path the same layer also writes below (or makes opaque) was deleted
+        # and recreated: it is an opaque directory.
+        recreated = {d for d in deleted if d in opaque or _below_any_entry(d, deleted | opaque)}
+        deleted -= recreated
+        opaque |= recreated
+        # Markers of the layer below under a deleted or opaque path are hidden already.
+        hidden_by = deleted | opaque
+        markers = {m for m in (below.markers if below else ()) if not _below_any(m, hidden_by)}
+        plans.append(MaskPlan(deleted | markers, opaque))
+    return plans
+
+
+def _below_any_entry(d: str, entries: Set[str]) -> bool:
+    prefix = d + "/"
+    return any(e.startswith(prefix) for e in entries)
+
+
+def root_opaque(layers: Sequence[LayerMarkers], k: int) -> bool:
+    """Whether layer k+1 (0-based index k) makes its root opaque (`/.wh..wh..opq`)."""
+    return k < len(layers) and "" in layers[k].opaque
+
+
+def build_mask(dest: str, plan: MaskPlan, attr_sources: Sequence[str]) -> None:
+    """Create a mask directory at `dest` (must not exist) from `plan`.
+
+    Directories take owner/mode/mtime from the first of `attr_sources` (the layer
+    above, then the layer below) that has them.
+    """
+    os.mkdir(dest, 0o755)
+    dirs: Dict[str, bool] = {}  # path -> opaque
+
+    def need_dir(path: str, opaque: bool = False) -> None:
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            p = "/".join(parts[:i])
+            dirs.setdefault(p, False)
+        if opaque:
+            dirs[path] = True
+
+    for w in plan.whiteouts:
+        if "/" in w:
+            need_dir(w.rsplit("/", 1)[0])
+    for d in plan.opaque:
+        need_dir(d, opaque=True)
+    for path in sorted(dirs, key=lambda p: p.count("/")):
+        full = os.path.join(dest, path)
+        os.mkdir(full, 0o755)
+    for w in sorted(plan.whiteouts):
+        full = os.path.join(dest, w)
+        os.mknod(full, stat.S_IFCHR | 0o000, 0)
+    for path in sorted(dirs, key=lambda p: -p.count("/")):
+        full = os.path.join(dest, path)
+        if dirs[path]:
+            os.setxattr(full, OPAQUE_XATTR, b"y")
+        for src in attr_sources:
+            try:
+                st = os.lstat(os.path.join(src, path))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                os.chown(full, st.st_uid, st.st_gid)
+                os.chmod(full, stat.S_IMODE(st.st_mode))
+                os.utime(full, ns=(st.st_atime_ns, st.st_mtime_ns))
+                break
+    st_root = None
+    for src in attr_sources:
+        try:
+            st_root = os.lstat(src)
+            break
+        except FileNotFoundError:
+            continue
+    if st_root is not None:
+        os.chown(dest, st_root.st_uid, st_root.st_gid)
+        os.chmod(dest, stat.S_IMODE(st_root.st_mode))
+        os.utime(dest, ns=(st_root.st_atime_ns, st_root.st_mtime_ns))

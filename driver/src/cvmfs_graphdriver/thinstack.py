@@ -1,0 +1,274 @@
+"""Thin layers on disk: their descriptors, links into CVMFS, and cached whiteout masks.
+
+    <home>/<id>/thin/descriptor.json   the validated descriptor (written by ApplyDiff)
+    <home>/<id>/thin/links.json        {"layer-K" | "mask-K": short link name in l/}
+    <home>/<id>/thin/masks/mask-K/     whiteout masks (see thin.py), built on first use
+    <home>/<id>/thin/masks.json        which masks exist: written last, so a crash while
+                                       building them just rebuilds them
+    <home>/.thin-cache/markers/<sha>.json
+                                       the markers of one CVMFS layer (found once, from
+                                       directory listings only)
+
+A lower entry `l/<short>` of a child that names a thin layer is replaced, at mount time,
+by that layer's stack: mask-n, layer-n, mask-(n-1), ..., layer-1 [, mask-0] (top first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+from typing import Callable, ContextManager, Dict, List, Optional, Set
+
+from . import thin
+from .config import Config
+from .errors import DriverError
+from .layout import LINK_DIR, Layout, new_short_id
+
+log = logging.getLogger(__name__)
+
+THIN_LINK_LENGTH = 10  # short names keep a 125-layer thin stack under one page of options
+OVL_MAX_STACK = 500  # the kernel's limit on lower layers in one overlay mount
+
+
+def _atomic_write(path: str, content: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+class ThinStacks:
+    def __init__(self, layout: Layout, config: Config,
+                 locked: Callable[[str], ContextManager[None]]) -> None:
+        self.layout = layout
+        self.config = config
+        self._locked = locked
+
+    # ------------------------------------------------------------------ paths
+
+    def _dir(self, layer_id: str) -> str:
+        return os.path.join(self.layout.dir(layer_id), "thin")
+
+    def _descriptor_file(self, layer_id: str) -> str:
+        return os.path.join(self._dir(layer_id), "descriptor.json")
+
+    @property
+    def _marker_cache(self) -> str:
+        return os.path.join(self.layout.home, ".thin-cache", "markers")
+
+    # ------------------------------------------------------------------ ApplyDiff
+
+    def record(self, layer_id: str) -> Optional[thin.Descriptor]:
+        """If the applied layer holds thin.json, validate it and remember the layer as thin.
+
+        Raises DescriptorError (the pull fails) for a descriptor this node must not use.
+        """
+        path = os.path.join(self.layout.diff(layer_id), thin.DESCRIPTOR_NAME)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise thin.DescriptorError(f"thin.json cannot be read: {e}") from None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(thin.MAX_DESCRIPTOR_BYTES + 1)
+        desc = thin.parse_descriptor(data, self.config.repositories)
+        os.makedirs(self._dir(layer_id), mode=0o700, exist_ok=True)
+        _atomic_write(self._descriptor_file(layer_id), desc.to_json())
+        log.info("layer %s is thin: %d layers from %s", layer_id, len(desc.layers),
+                 ", ".join(desc.repositories))
+        return desc
+
+    def descriptor(self, layer_id: str) -> Optional[thin.Descriptor]:
+        try:
+            with open(self._descriptor_file(layer_id), "rb") as f:
+                return thin.parse_descriptor(f.read())
+        except FileNotFoundError:
+            return None
+
+    def is_thin(self, layer_id: str) -> bool:
+        return os.path.exists(self._descriptor_file(layer_id))
+
+    # ------------------------------------------------------------------ expansion
+
+    def layer_of_entry(self, entry: str) -> Optional[str]:
+        """The layer id an `l/<short>` lower entry points to (None for CVMFS/mask links)."""
+        try:
+            target = os.readlink(os.path.join(self.layout.home, entry))
+        except OSError:
+            return None
+        parts = target.split("/")
+        if len(parts) == 3 and parts[0] == ".." and parts[2] == "diff":
+            return parts[1]
+        return None
+
+    def expand(self, lower: str) -> str:
+        """`lower` with each thin layer replaced by its CVMFS stack (checked, masks built)."""
+        if not lower:
+            return lower
+        out: List[str] = []
+        for entry in lower.split(":"):
+            tid = self.layer_of_entry(entry)
+            if tid is not None and self.is_thin(tid):
+                out.extend(self.stack(tid))
+            else:
+                out.append(entry)
+        if len(out) > OVL_MAX_STACK:
+            raise DriverError(
+                f"the layer stack has {len(out)} lower directories; overlayfs takes at most "
+                f"{OVL_MAX_STACK} (publish the thin image with --flat)"
+            )
+        return ":".join(out)
+
+    def stack(self, tid: str) -> List[str]:
+        """Lower entries for thin layer `tid`, top first."""
+        desc = self.descriptor(tid)
+        if desc is None:
+            raise DriverError(f"layer {tid} is not a thin layer")
+        allowed = set(self.config.repositories)
+        for repo in desc.repositories:
+            if repo not in allowed:
+                raise DriverError(
+                    f"thin layer {tid} uses repository {repo}, which is no longer allowed on "
+                    "this node (`repositories` in /etc/cvmfs-graphdriver/config.ini)"
+                )
+        real = [thin.resolve_layer_dir(self.config.cvmfs_root, la) for la in desc.layers]
+        with self._locked(tid):
+            masks = self._masks(tid, desc, real)
+            has_parent = bool(_read_or_empty(self.layout.parent_file(tid)))
+            links = self._load_links(tid)
+            entries: List[str] = []
+            n = len(real)
+            for k in range(n, -1, -1):
+                if k in masks and (k > 0 or has_parent):
+                    entries.append(self._link(tid, links, f"mask-{k}", self._mask_dir(tid, k)))
+                if k >= 1:
+                    entries.append(self._link(tid, links, f"layer-{k}", real[k - 1]))
+                    if "" in masks.get(-k, set()):
+                        break  # layer k makes its root opaque: nothing below shows
+            _atomic_write(os.path.join(self._dir(tid), "links.json"), json.dumps(links))
+        return entries
+
+    def _load_links(self, tid: str) -> Dict[str, str]:
+        try:
+            with open(os.path.join(self._dir(tid), "links.json"), encoding="utf-8") as f:
+                links = json.load(f)
+            return {str(k): str(v) for k, v in links.items()}
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _link(self, tid: str, links: Dict[str, str], name: str, target: str) -> str:
+        """A short link in l/ to `target`, created or corrected as needed."""
+        if target.startswith(self.layout.home + os.sep):
+            want = os.path.relpath(target, self.layout.links)
+        else:
+            want = target
+        short = links.get(name)
+        if short:
+            path = self.layout.short_link(short)
+            try:
+                if os.readlink(path) == want:
+                    return f"{LINK_DIR}/{short}"
+            except FileNotFoundError:
+                pass
+            except OSError:
+                short = None  # not a link: pick a new name
+        if not short:
+            while True:
+                short = new_short_id()[:THIN_LINK_LENGTH]
+                if not os.path.lexists(self.layout.short_link(short)):
+                    break
+        tmp = self.layout.short_link(f".{short}.tmp")
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(want, tmp)
+        os.rename(tmp, self.layout.short_link(short))
+        links[name] = short
+        return f"{LINK_DIR}/{short}"
+
+    def forget(self, tid: str) -> None:
+        """Remove the l/ links of a thin layer (its directory is removed by the caller)."""
+        for short in self._load_links(tid).values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.layout.short_link(short))
+
+    # ------------------------------------------------------------------ masks
+
+    def _mask_dir(self, tid: str, k: int) -> str:
+        return os.path.join(self._dir(tid), "masks", f"mask-{k}")
+
+    def _markers(self, layer: thin.ThinLayer, real_dir: str) -> thin.LayerMarkers:
+        key = hashlib.sha256(f"{layer.repo}/{layer.path}".encode()).hexdigest()
+        path = os.path.join(self._marker_cache, f"{key}.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return thin.LayerMarkers.from_json(f.read())
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        markers = thin.scan_markers(real_dir)
+        os.makedirs(self._marker_cache, mode=0o700, exist_ok=True)
+        _atomic_write(path, markers.to_json())
+        log.info("thin layer %s: %d whiteout markers", layer.url, len(markers.markers))
+        return markers
+
+    def _masks(self, tid: str, desc: thin.Descriptor, real: List[str]) -> Dict[int, Set[str]]:
+        """Build (once) and return {k: set()} for the masks that exist.
+
+        Negative keys -k carry {""} when layer k makes its root opaque.
+        """
+        index = os.path.join(self._dir(tid), "masks.json")
+        try:
+            with open(index, encoding="utf-8") as f:
+                doc = json.load(f)
+            return {int(k): set(v) for k, v in doc.items()}
+        except (FileNotFoundError, ValueError):
+            pass
+        markers = [self._markers(la, d) for la, d in zip(desc.layers, real)]
+        plans = thin.plan_masks(markers)
+        root = os.path.join(self._dir(tid), "masks")
+        shutil.rmtree(root, ignore_errors=True)
+        building = root + ".building"
+        shutil.rmtree(building, ignore_errors=True)
+        os.makedirs(building, mode=0o700)
+        result: Dict[int, Set[str]] = {}
+        n = len(real)
+        for k, plan in enumerate(plans):
+            if plan.empty:
+                continue
+            sources = ([real[k]] if k < n else []) + ([real[k - 1]] if k >= 1 else [])
+            thin.build_mask(os.path.join(building, f"mask-{k}"), plan, sources)
+            result[k] = set()
+        for k, m in enumerate(markers, start=1):
+            if "" in m.opaque:
+                result[-k] = {""}
+        os.rename(building, root)
+        _atomic_write(index, json.dumps({str(k): sorted(v) for k, v in result.items()}))
+        return result
+
+    # ------------------------------------------------------------------ reporting
+
+    def repositories_below(self, lower: str) -> Set[str]:
+        """Repositories used by the thin layers in a lower chain (no CVMFS access)."""
+        repos: Set[str] = set()
+        for entry in filter(None, lower.split(":")):
+            tid = self.layer_of_entry(entry)
+            if tid is None:
+                continue
+            desc = self.descriptor(tid)
+            if desc is not None:
+                repos.update(desc.repositories)
+        return repos
+
+
+def _read_or_empty(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
