@@ -18,7 +18,7 @@ import os
 import stat
 import tarfile
 from dataclasses import dataclass
-from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from .errors import DriverError, UnsafeLayerError
 
@@ -129,6 +129,7 @@ class _DirWalker:
                         raise
                     os.mkdir(part, 0o755, dir_fd=fd)
                     nfd = _open_dir_at(fd, part, where)
+                    os.chmod(nfd, 0o755)  # as moby's untar makes missing parents, any umask
                 except UnsafeLayerError:
                     raise UnsafeLayerError(
                         f"tar entry {shown!r}: its parent {where!r} is a symlink or not a "
@@ -189,8 +190,19 @@ class ApplyResult:
     whiteouts: int = 0
 
 
-def apply_tar(stream: IO[bytes], root: str) -> ApplyResult:
-    """Extract an uncompressed layer tar into the directory `root` (overlay whiteouts)."""
+WHITEOUT_MODES = ("overlay", "keep", "apply")
+
+
+def apply_tar(stream: IO[bytes], root: str, whiteouts: str = "overlay") -> ApplyResult:
+    """Extract an uncompressed layer tar into the directory `root`.
+
+    whiteouts: "overlay" turns `.wh.` markers into overlayfs whiteouts (a layer dir);
+    "keep" stores them as the plain files they are (a published layer, as DUCC does);
+    "apply" deletes what they name (flattening layers into one tree).
+    """
+    if whiteouts not in WHITEOUT_MODES:
+        raise ValueError(f"whiteouts must be one of {WHITEOUT_MODES}")
+    written: Set[str] = set()  # entries of this tar, for opaque dirs in "apply" mode
     root_fd = os.open(root, _DIR_FLAGS)
     walker = _DirWalker(root_fd)
     result = ApplyResult()
@@ -206,7 +218,8 @@ def apply_tar(stream: IO[bytes], root: str) -> ApplyResult:
             try:
                 for member in tar:
                     result.entries += 1
-                    _apply_member(tar, member, root_fd, walker, dir_times, result)
+                    _apply_member(tar, member, root_fd, walker, dir_times, result,
+                                  whiteouts, written)
             except tarfile.TarError as e:
                 raise DriverError(f"layer tar is corrupt or truncated: {e}") from None
         walker.forget()
@@ -225,6 +238,8 @@ def _apply_member(
     walker: _DirWalker,
     dir_times: List[Tuple[List[str], Tuple[int, int]]],
     result: ApplyResult,
+    whiteouts: str = "overlay",
+    written: Optional[Set[str]] = None,
 ) -> None:
     parts = split_member_name(member.name)
     if not parts:
@@ -239,7 +254,21 @@ def _apply_member(
     base = parts[-1]
     parent = parts[:-1]
 
-    if base.startswith(WHITEOUT_PREFIX):
+    if base.startswith(WHITEOUT_PREFIX) and whiteouts == "apply":
+        pfd = walker.open_parent(parent, create=True, shown=shown)
+        if base == WHITEOUT_OPAQUE:
+            prefix = "/".join(parent)
+            for child in os.listdir(pfd):
+                if (f"{prefix}/{child}" if prefix else child) not in (written or ()):
+                    remove_at(pfd, child)
+        elif not base.startswith(WHITEOUT_META_PREFIX):
+            target = base[len(WHITEOUT_PREFIX) :]
+            if target in ("", ".", ".."):
+                raise UnsafeLayerError(f"tar entry {shown!r} is a whiteout of an invalid name")
+            remove_at(pfd, target)
+        result.whiteouts += 1
+        return
+    if base.startswith(WHITEOUT_PREFIX) and whiteouts == "overlay":
         pfd = walker.open_parent(parent, create=True, shown=shown)
         if base == WHITEOUT_OPAQUE:
             os.setxattr(_proc_path_dir(pfd), OPAQUE_XATTR, b"y")
@@ -256,6 +285,8 @@ def _apply_member(
         return
 
     pfd = walker.open_parent(parent, create=True, shown=shown)
+    if written is not None:
+        written.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
     existing = _lstat_at(pfd, base)
     if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
         remove_at(pfd, base)

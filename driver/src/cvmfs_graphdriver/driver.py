@@ -275,6 +275,7 @@ class Driver:
             os.mkdir(tmp, 0o700)
             try:
                 os.mkdir(os.path.join(tmp, "diff"), 0o755)
+                os.chmod(os.path.join(tmp, "diff"), 0o755)  # the layer root, whatever the umask
                 short = new_short_id()
                 _write_durably(os.path.join(tmp, "link"), short)
                 if parent:

@@ -211,11 +211,26 @@ class ThinStacks:
                 return thin.LayerMarkers.from_json(f.read())
         except (FileNotFoundError, ValueError, KeyError):
             pass
-        markers = thin.scan_markers(real_dir)
+        markers = self._published_index(layer, real_dir) or thin.scan_markers(real_dir)
         os.makedirs(self._marker_cache, mode=0o700, exist_ok=True)
         _atomic_write(path, markers.to_json())
         log.info("thin layer %s: %d whiteout markers", layer.url, len(markers.markers))
         return markers
+
+    def _published_index(self, layer: thin.ThinLayer,
+                         real_dir: str) -> Optional[thin.LayerMarkers]:
+        """The markers cvmfs-thin recorded at publish time (.metadata/whiteouts.json)."""
+        if os.path.basename(real_dir) != "layerfs":
+            return None
+        index = os.path.join(os.path.dirname(real_dir), ".metadata", "whiteouts.json")
+        real_repo = os.path.realpath(os.path.join(self.config.cvmfs_root, layer.repo))
+        if not os.path.realpath(index).startswith(real_repo + os.sep):
+            return None
+        try:
+            with open(index, encoding="utf-8") as f:
+                return thin.LayerMarkers.from_json(f.read(1 << 24))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _masks(self, tid: str, desc: thin.Descriptor, real: List[str]) -> Dict[int, Set[str]]:
         """Build (once) and return {k: set()} for the masks that exist.

@@ -1,0 +1,1 @@
+"""`cvmfs-thin`: turn images into thin images and publish their layers."""
