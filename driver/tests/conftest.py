@@ -7,7 +7,10 @@ A test that cannot get what it needs is skipped locally with the reason shown, a
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
+from typing import Dict
 
 import pytest
 
@@ -20,6 +23,13 @@ from harness import (  # noqa: E402
     import_busybox,
     require_tool,
 )
+
+
+@dataclass(frozen=True)
+class CvmfsTree:
+    root: str  # what the driver has as cvmfs_root
+    stores: Dict[str, str]  # repository -> the publisher-side tree (dir: store)
+
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PLUGIN_NAME = os.environ.get("CVMFS_GRAPHDRIVER_TEST_PLUGIN", "cvmfs")
@@ -53,10 +63,35 @@ def _need_docker() -> None:
             need(False, str(e))
 
 
+THIN_REPOS = ("test.repo", "ducc.repo")
+
+
 @pytest.fixture(scope="session")
-def driver_proc(workdir):
+def cvmfs(workdir):
+    """Stand-in for CernVM-FS (which cannot be installed here): for each repository, a
+    publisher-side directory tree (`store`) mounted read-only, as a CVMFS client would
+    show it, at <root>/<repo>. The driver reads thin layers from <root> only."""
+    need(os.geteuid() == 0, "needs root for bind mounts")
+    root = os.path.join(workdir, "cvmfs")
+    stores = {}
+    for repo in THIN_REPOS:
+        store = os.path.join(workdir, "publisher", repo)
+        mnt = os.path.join(root, repo)
+        os.makedirs(store, exist_ok=True)
+        os.makedirs(mnt, exist_ok=True)
+        subprocess.run(["mount", "--bind", store, mnt], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", mnt], check=True)
+        stores[repo] = store
+    yield CvmfsTree(root, stores)
+    for repo in THIN_REPOS:
+        subprocess.run(["umount", "-l", os.path.join(root, repo)], check=False)
+
+
+@pytest.fixture(scope="session")
+def driver_proc(workdir, cvmfs):
     _need_docker()
-    d = DriverProcess(PLUGIN_NAME, os.path.join(workdir, "driver")).start()
+    d = DriverProcess(PLUGIN_NAME, os.path.join(workdir, "driver"),
+                      ["--cvmfs-root", cvmfs.root, "--repositories", ",".join(THIN_REPOS)]).start()
     yield d
     d.stop()
 
