@@ -132,6 +132,7 @@ def main() -> int:
                         "--docker-host", ours.host, "convert", "big:src",
                         "--store", f"dir:{store}", "--repo", "bench.repo", "--tag", thin,
                         "--push"], check=True, capture_output=True)
+        ours.docker("rmi", "big:src")  # else the regular pull would find its layer locally
         for _ in range(args.rounds):
             for which, ref_name in (("regular", regular), ("thin", thin)):
                 ours.docker("rmi", "-f", ref_name, check=False)
