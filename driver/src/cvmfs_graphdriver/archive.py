@@ -18,7 +18,7 @@ import os
 import stat
 import tarfile
 from dataclasses import dataclass
-from typing import IO, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from .errors import DriverError, UnsafeLayerError
 
@@ -323,7 +323,10 @@ def _apply_member(
         _set_metadata(pfd, base, member, is_link=True)
         os.utime(base, ns=_member_times(member), dir_fd=pfd, follow_symlinks=False)
     elif member.islnk():
-        tparts = split_member_name(member.linkname, "hard link target")
+        try:
+            tparts = split_member_name(member.linkname, "hard link target")
+        except UnsafeLayerError as e:
+            raise UnsafeLayerError(f"tar entry {shown!r}: {e}") from None
         if not tparts:
             raise UnsafeLayerError(f"tar entry {shown!r} is a hard link to the layer root")
         tshown = "/".join(tparts)
@@ -544,7 +547,7 @@ class TarWriter:
         # End with two zero blocks and nothing more, as Go's archive/tar does. tarfile would
         # pad to a 10 KiB record, and dockerd hashes the whole stream: an unchanged container
         # would then commit as a non-empty layer instead of Docker's empty layer.
-        tar = self._tar
+        tar: Any = self._tar  # tarfile internals, stable since Python 3.2 (tested)
         if tar.closed:
             return
         tar.closed = True

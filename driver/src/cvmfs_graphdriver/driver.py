@@ -136,7 +136,8 @@ class Driver:
                 f"unknown storage options {opts}: the cvmfs graph driver takes none "
                 "(remove --storage-opt / \"storage-opts\" from the dockerd configuration)"
             )
-        layout = Layout(os.path.normpath(home))
+        # The real path: mountinfo names mounts by it (Cleanup and adoption look them up).
+        layout = Layout(os.path.realpath(home))
         os.makedirs(layout.home, mode=0o710, exist_ok=True)
         os.makedirs(layout.links, mode=0o700, exist_ok=True)
         magic = mounts.fs_magic(layout.home)

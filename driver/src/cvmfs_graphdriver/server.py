@@ -126,6 +126,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:  # tell a keep-alive client not to reuse this connection
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -148,7 +150,12 @@ class Handler(BaseHTTPRequestHandler):
                     size = driver.apply_diff(layer, parent, body)
                     body.drain()
                 except BaseException:
-                    self.close_connection = True  # the rest of the body is unread
+                    # Read the rest of the body: a client still sending it would otherwise
+                    # get a broken pipe instead of our error answer.
+                    try:
+                        body.drain()
+                    except Exception:
+                        self.close_connection = True  # the rest of the body is unread
                     raise
                 self._json({"Size": size})
                 return

@@ -1,0 +1,281 @@
+"""The plugin protocol through the real HTTP server on a unix socket, spoken as dockerd
+speaks it: JSON calls on a keep-alive connection, ApplyDiff with a chunked body, Diff
+answered with a chunked tar, concurrent pulls."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import time
+
+import pytest
+from layer_tools import (
+    PluginClient,
+    PluginError,
+    TarBuilder,
+    mounts_below,
+    new_id,
+    read_tar,
+)
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def inited(plugin, tmp_path) -> PluginClient:
+    assert plugin.call("Plugin.Activate") == {"Implements": ["GraphDriver"]}
+    assert plugin.call("GraphDriver.Init", {"Home": str(tmp_path / "home"), "Opts": None,
+                                            "UIDMaps": None, "GIDMaps": None}) == {}
+    return plugin
+
+
+def test_dockerd_sequence_pull_run_diff_commit(inited, tmp_path):
+    c = inited
+    caps = c.call("GraphDriver.Capabilities")
+    assert caps == {"Capabilities": {"ReproducesExactDiffs": False}}
+
+    base = new_id()
+    assert c.call("GraphDriver.Create", {"ID": base, "Parent": "", "MountLabel": "",
+                                         "StorageOpt": {}}) == {}
+    base_tar = (TarBuilder().dir("bin").file("bin/sh", b"#!shell", mode=0o755)
+                .dir("etc").file("etc/hostname", b"base").file("etc/gone", b"x").bytes())
+    size = c.apply_diff(base, "", base_tar, chunk=100)
+    assert size == {"Size": len(b"#!shell") + 4 + 1}
+    assert c.call("GraphDriver.Exists", {"ID": base}) == {"Exists": True}
+    assert c.call("GraphDriver.Exists", {"ID": new_id()}) == {"Exists": False}
+
+    init, cid = f"{new_id()}-init", new_id()
+    c.call("GraphDriver.CreateReadWrite", {"ID": init, "Parent": base, "MountLabel": "",
+                                           "StorageOpt": {}})
+    d = c.call("GraphDriver.Get", {"ID": init, "MountLabel": ""})["Dir"]
+    assert os.path.isabs(d) and sorted(os.listdir(d)) == ["bin", "etc"]
+    with open(os.path.join(d, "etc", "hostname"), "w") as f:
+        f.write("init")
+    c.call("GraphDriver.Put", {"ID": init})
+    assert mounts_below(str(tmp_path)) == []
+
+    c.call("GraphDriver.CreateReadWrite", {"ID": cid, "Parent": init})
+    root = c.call("GraphDriver.Get", {"ID": cid})["Dir"]
+    assert mounts_below(str(tmp_path)) == [root]
+    with open(os.path.join(root, "hello"), "w") as f:  # docker run sh -c "echo hello > /hello"
+        f.write("hello\n")
+    os.unlink(os.path.join(root, "etc", "gone"))
+    with open(os.path.join(root, "etc", "hostname"), "rb") as f:
+        assert f.read() == b"init"
+
+    changes = c.call("GraphDriver.Changes", {"ID": cid, "Parent": init})["Changes"]
+    assert sorted(changes, key=lambda x: x["Path"]) == [
+        {"Path": "/etc", "Kind": 0}, {"Path": "/etc/gone", "Kind": 2},
+        {"Path": "/hello", "Kind": 1}]
+    assert c.call("GraphDriver.DiffSize", {"ID": cid, "Parent": init}) == {"Size": 6}
+
+    tar, resp = c.diff(cid, init)
+    assert resp.status == 200
+    assert resp.getheader("Transfer-Encoding") == "chunked"
+    entries = read_tar(tar)
+    assert set(entries) == {"etc", "etc/.wh.gone", "hello"}
+    assert entries["hello"][1] == b"hello\n"
+
+    # docker diff / ps -s / commit must not unmount the running container's root
+    assert mounts_below(str(tmp_path)) == [root]
+    with open(os.path.join(root, "hello"), "rb") as f:
+        assert f.read() == b"hello\n"
+
+    meta = c.call("GraphDriver.GetMetadata", {"ID": cid})["Metadata"]
+    assert meta["MergedDir"] == root
+    assert meta["LowerDir"].split(":") == [os.path.join(str(tmp_path / "home"), x, "diff")
+                                           for x in (init, base)]
+    status = dict(map(tuple, c.call("GraphDriver.Status")["Status"]))
+    assert status["Mounted Layers"] == "1"
+
+    # docker commit: the diff becomes a new image layer on the image
+    committed = new_id()
+    c.call("GraphDriver.Create", {"ID": committed, "Parent": base})
+    assert c.apply_diff(committed, base, tar) == {"Size": 6}
+    view = c.call("GraphDriver.Get", {"ID": committed})["Dir"]
+    assert sorted(os.listdir(view)) == ["bin", "etc", "hello"]
+    assert os.listdir(os.path.join(view, "etc")) == ["hostname"]
+    c.call("GraphDriver.Put", {"ID": committed})
+
+    # docker rm, then dockerd shuts down
+    c.call("GraphDriver.Put", {"ID": cid})
+    for layer in (cid, init):
+        assert c.call("GraphDriver.Remove", {"ID": layer}) == {}
+        assert c.call("GraphDriver.Exists", {"ID": layer}) == {"Exists": False}
+    assert c.call("GraphDriver.Cleanup") == {}
+    assert mounts_below(str(tmp_path)) == []
+
+
+def test_errors_are_err_strings_that_name_the_layer(inited):
+    c = inited
+    missing = new_id()
+    with pytest.raises(PluginError) as e:
+        c.call("GraphDriver.Get", {"ID": missing})
+    assert e.value.status == 200 and missing in e.value.message
+    with pytest.raises(PluginError) as e:
+        c.call("GraphDriver.Create", {"ID": new_id(), "Parent": missing})
+    assert missing in e.value.message
+    with pytest.raises(PluginError) as e:
+        c.call("GraphDriver.Create", {"ID": "../../etc"})
+    assert "invalid layer id" in e.value.message
+    with pytest.raises(PluginError) as e:
+        c.call("GraphDriver.Create", {"ID": 42})
+    assert "ID" in e.value.message
+    with pytest.raises(PluginError) as e:
+        c.diff(missing, "")
+    assert missing in e.value.message
+    with pytest.raises(PluginError) as e:
+        c.call("GraphDriver.NoSuchCall")
+    assert e.value.status == 404 and "NoSuchCall" in e.value.message
+    # the keep-alive connection still works after all of these
+    assert c.call("GraphDriver.Exists", {"ID": missing}) == {"Exists": False}
+
+
+def test_init_refuses_options_it_does_not_support(plugin, tmp_path):
+    with pytest.raises(PluginError) as e:
+        plugin.call("GraphDriver.Init", {"Home": str(tmp_path / "h"), "Opts": ["size=1G"]})
+    assert "size=1G" in e.value.message
+    with pytest.raises(PluginError) as e:
+        plugin.call("GraphDriver.Init", {"Home": str(tmp_path / "h"), "UIDMaps": [
+            {"container_id": 0, "host_id": 100000, "size": 65536}]})
+    assert "userns-remap" in e.value.message
+    with pytest.raises(PluginError) as e:
+        plugin.call("GraphDriver.Create", {"ID": new_id()})
+    assert "Init" in e.value.message
+    status = dict(map(tuple, plugin.call("GraphDriver.Status")["Status"]))
+    assert status.get("Initialised") == "false"
+
+
+def test_hostile_apply_diff_is_refused_and_the_connection_recovers(inited, tmp_path):
+    c = inited
+    layer = new_id()
+    c.call("GraphDriver.Create", {"ID": layer})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # the bad entry comes early; dockerd is still sending megabytes when it is refused,
+    # and must get the error answer, not a broken pipe
+    evil = (TarBuilder().file("fine", b"x" * 100_000).symlink("link", str(outside))
+            .file("link/evil", b"x").file("after", os.urandom(8 << 20)).bytes())
+    with pytest.raises(PluginError) as e:
+        c.apply_diff(layer, "", evil)
+    assert "'link/evil'" in e.value.message and layer in e.value.message
+    assert os.listdir(outside) == []
+    assert c.call("GraphDriver.Exists", {"ID": layer}) == {"Exists": False}
+    # dockerd reuses its connection: the next call must work
+    assert c.call("GraphDriver.Remove", {"ID": layer}) == {}
+    c.call("GraphDriver.Create", {"ID": layer})
+    assert c.apply_diff(layer, "", TarBuilder().file("ok", b"ok").bytes()) == {"Size": 2}
+
+
+def test_apply_diff_body_with_chunk_extensions_and_trailers(inited):
+    """Raw HTTP: chunk extensions, a trailer, then a second request on the same connection."""
+    layer = new_id()
+    inited.call("GraphDriver.Create", {"ID": layer})
+    data = TarBuilder().file("f", b"0123456789" * 1000).bytes()
+    body = b""
+    for i in range(0, len(data), 3000):
+        piece = data[i : i + 3000]
+        body += b"%X;note=piece%d\r\n" % (len(piece), i) + piece + b"\r\n"
+    body += b"0\r\nX-Checksum: none\r\n\r\n"
+    head = (f"POST /GraphDriver.ApplyDiff?id={layer}&parent= HTTP/1.1\r\n"
+            "Host: plugin\r\nTransfer-Encoding: chunked\r\n"
+            "Content-Type: application/x-tar\r\n\r\n").encode()
+    second = (b"POST /GraphDriver.Exists HTTP/1.1\r\nHost: plugin\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(f'{{"ID": "{layer}"}}') +
+              f'{{"ID": "{layer}"}}'.encode())
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(inited.path)
+        s.sendall(head + body + second)
+        f = s.makefile("rb")
+        answers = []
+        for _ in range(2):
+            status = f.readline()
+            headers = {}
+            while True:
+                line = f.readline().strip()
+                if not line:
+                    break
+                k, _, v = line.decode().partition(":")
+                headers[k.strip().lower()] = v.strip()
+            answers.append((status, f.read(int(headers["content-length"]))))
+    assert answers[0][0].startswith(b"HTTP/1.1 200")
+    assert answers[0][1].strip() == b'{"Size": 10000}'
+    assert answers[1][1].strip() == b'{"Exists": true}'
+
+
+def test_parallel_apply_diff_of_8_layers(inited):
+    base = new_id()
+    inited.call("GraphDriver.Create", {"ID": base})
+    inited.apply_diff(base, "", TarBuilder().dir("shared").bytes())
+    layers = [new_id() for _ in range(8)]
+    payloads = {layer: os.urandom(512 * 1024) for layer in layers}
+    results, errors = {}, []
+
+    def pull(layer: str) -> None:
+        client = PluginClient(inited.path)  # dockerd uses several connections
+        try:
+            client.call("GraphDriver.Create", {"ID": layer, "Parent": base})
+            data = (TarBuilder().file(f"shared/{layer}", payloads[layer])
+                    .file("common", layer.encode()).bytes())
+            results[layer] = client.apply_diff(layer, base, data, chunk=16 * 1024)["Size"]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((layer, e))
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=pull, args=(layer,)) for layer in layers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert results == {layer: 512 * 1024 + 64 for layer in layers}
+    for layer in layers:
+        view = inited.call("GraphDriver.Get", {"ID": layer})["Dir"]
+        with open(os.path.join(view, "shared", layer), "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(payloads[layer]).digest()
+        assert sorted(os.listdir(os.path.join(view, "shared"))) == [layer]
+        with open(os.path.join(view, "common"), "rb") as f:
+            assert f.read() == layer.encode()
+        inited.call("GraphDriver.Put", {"ID": layer})
+
+
+def test_apply_diff_with_content_length_body(inited):
+    layer = new_id()
+    inited.call("GraphDriver.Create", {"ID": layer})
+    data = TarBuilder().file("f", b"abc").bytes()
+    conn = inited.conn
+    conn.request("POST", f"/GraphDriver.ApplyDiff?id={layer}&parent=", body=data,
+                  headers={"Content-Length": str(len(data))})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read().strip() == b'{"Size": 3}'
+    assert inited.call("GraphDriver.Exists", {"ID": layer}) == {"Exists": True}
+
+
+def test_client_going_away_mid_body_leaves_no_layer_and_server_keeps_serving(inited, tmp_path):
+    layer = new_id()
+    inited.call("GraphDriver.Create", {"ID": layer})
+    data = TarBuilder().file("big", os.urandom(1 << 20)).bytes()
+    head = (f"POST /GraphDriver.ApplyDiff?id={layer}&parent= HTTP/1.1\r\n"
+            "Host: plugin\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(inited.path)
+        s.sendall(head + b"%x\r\n" % len(data) + data[:300_000])  # then dockerd dies
+    marker = tmp_path / "home" / layer / ".applying"
+    deadline = time.monotonic() + 10
+    while not marker.exists() and time.monotonic() < deadline:  # the server got the request
+        time.sleep(0.01)
+    fresh = PluginClient(inited.path)
+    try:
+        assert fresh.call("GraphDriver.Exists", {"ID": layer}) == {"Exists": False}
+        # dockerd, restarted, removes the partial layer and pulls it again: Remove waits for
+        # the abandoned ApplyDiff to give up, it must not hang
+        assert fresh.call("GraphDriver.Remove", {"ID": layer}) == {}
+        fresh.call("GraphDriver.Create", {"ID": layer})
+        assert fresh.apply_diff(layer, "", data) == {"Size": 1 << 20}
+        assert fresh.call("GraphDriver.Exists", {"ID": layer}) == {"Exists": True}
+    finally:
+        fresh.close()

@@ -1,0 +1,89 @@
+"""Request bodies: HTTP/1.1 chunked transfer coding as dockerd sends ApplyDiff."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from cvmfs_graphdriver.errors import DriverError
+from cvmfs_graphdriver.server import ChunkedReader, ChunkedWriter, LengthReader
+
+
+def _reader(raw: bytes):
+    stream = io.BufferedReader(io.BytesIO(raw))
+    return ChunkedReader(stream), stream
+
+
+def test_chunks_with_extensions_and_trailers_then_the_next_request_is_intact():
+    body = (b"5;name=value\r\nhello\r\n"
+            b"6 ; ext\r\n world\r\n"
+            b"A\r\n0123456789\r\n"
+            b"0;last\r\nX-Trailer: yes\r\nOther: 1\r\n\r\n")
+    reader, stream = _reader(body + b"POST /next HTTP/1.1\r\n")
+    assert reader.read() == b"hello world0123456789"
+    assert reader.read() == b""
+    assert stream.read() == b"POST /next HTTP/1.1\r\n"
+
+
+def test_small_reads_cross_chunk_boundaries():
+    reader, _ = _reader(b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+    got = []
+    while True:
+        piece = reader.read(2)
+        if not piece:
+            break
+        assert len(piece) <= 2
+        got.append(piece)
+    assert b"".join(got) == b"abcdefg"
+
+
+def test_big_body_in_many_chunks_round_trips_through_the_writer():
+    data = bytes(range(256)) * 4000
+    out = io.BytesIO()
+    w = ChunkedWriter(out)
+    for i in range(0, len(data), 7777):
+        w.write(data[i : i + 7777])
+    w.write(b"")  # an empty write must not end the body
+    w.close()
+    reader, stream = _reader(out.getvalue())
+    assert reader.read(100) == data[:100]
+    assert reader.read() == data[100:]
+    assert stream.read() == b""
+
+
+def test_bare_lf_line_endings_are_tolerated():
+    reader, _ = _reader(b"2\nhi\n0\n\n")
+    assert reader.read() == b"hi"
+
+
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        (b"5\r\nhel", "inside a chunk"),
+        (b"5\r\nhello\r\n", "before the last chunk"),
+        (b"", "before the last chunk"),
+        (b"zz\r\nhello\r\n0\r\n\r\n", "malformed chunk header"),
+    ],
+)
+def test_truncated_or_malformed_bodies_are_errors(raw, words):
+    reader, _ = _reader(raw)
+    with pytest.raises(DriverError) as e:
+        reader.read()
+    assert words in str(e.value)
+
+
+def test_drain_consumes_the_rest():
+    reader, stream = _reader(b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\nNEXT")
+    assert reader.read(1) == b"a"
+    reader.drain()
+    assert stream.read() == b"NEXT"
+
+
+def test_length_reader_stops_at_content_length():
+    stream = io.BytesIO(b"0123456789NEXT")
+    r = LengthReader(stream, 10)
+    assert r.read(4) == b"0123"
+    assert r.read() == b"456789"
+    assert r.read() == b""
+    assert stream.read() == b"NEXT"

@@ -1,0 +1,91 @@
+"""The configuration file: defaults, and errors that name what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from cvmfs_graphdriver.config import Config, ConfigError, load, parse
+
+
+def test_empty_file_means_defaults():
+    cfg = parse("")
+    assert cfg == Config()
+    assert cfg.socket == "/run/docker/plugins/cvmfs.sock"
+    assert cfg.log_level == "info"
+    assert cfg.sync_layers is True
+
+
+def test_every_key_is_read():
+    cfg = parse(
+        "# comment\n[driver]\nsocket = /run/x/y.sock\nlog_level = debug\nsync_layers = no\n"
+    )
+    assert cfg == Config(socket="/run/x/y.sock", log_level="debug", sync_layers=False)
+
+
+@pytest.mark.parametrize("raw, value", [("1", True), ("Yes", True), ("on", True),
+                                        ("true", True), ("0", False), ("OFF", False),
+                                        ("False", False)])
+def test_booleans(raw, value):
+    assert parse(f"[driver]\nsync_layers = {raw}\n").sync_layers is value
+
+
+def test_unknown_key_is_named_with_the_known_ones():
+    with pytest.raises(ConfigError) as e:
+        parse("[driver]\nsokcet = /run/x.sock\n", "/etc/cvmfs-graphdriver/config.ini")
+    msg = str(e.value)
+    assert "/etc/cvmfs-graphdriver/config.ini" in msg
+    assert "'sokcet'" in msg
+    assert "socket" in msg and "log_level" in msg and "sync_layers" in msg
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError) as e:
+        parse("[drivr]\nsocket = /x\n", "cfg.ini")
+    assert "[drivr]" in str(e.value) and "[driver]" in str(e.value)
+
+
+def test_bad_bool_names_key_and_value():
+    with pytest.raises(ConfigError) as e:
+        parse("[driver]\nsync_layers = maybe\n")
+    assert "sync_layers" in str(e.value) and "'maybe'" in str(e.value)
+
+
+def test_bad_log_level_lists_the_choices():
+    with pytest.raises(ConfigError) as e:
+        parse("[driver]\nlog_level = verbose\n")
+    msg = str(e.value)
+    assert "'verbose'" in msg
+    for level in ("debug", "info", "warning", "error"):
+        assert level in msg
+
+
+def test_relative_socket_is_refused():
+    with pytest.raises(ConfigError) as e:
+        parse("[driver]\nsocket = plugin.sock\n")
+    assert "plugin.sock" in str(e.value) and "absolute" in str(e.value)
+
+
+def test_syntax_error_names_the_file():
+    with pytest.raises(ConfigError) as e:
+        parse("socket = /x\n", "/etc/c.ini")
+    assert "/etc/c.ini" in str(e.value)
+
+
+def test_flags_override_and_are_validated():
+    cfg = Config().replace(socket="/run/other.sock", log_level=None, sync_layers=False)
+    assert cfg == Config(socket="/run/other.sock", sync_layers=False)
+    with pytest.raises(ConfigError):
+        Config().replace(log_level="loud")
+
+
+def test_load_explicit_missing_file_is_an_error(tmp_path):
+    missing = tmp_path / "nope.ini"
+    with pytest.raises(ConfigError) as e:
+        load(str(missing))
+    assert str(missing) in str(e.value)
+
+
+def test_load_reads_the_file(tmp_path):
+    p = tmp_path / "c.ini"
+    p.write_text("[driver]\nlog_level = warning\n")
+    assert load(str(p)) == Config(log_level="warning")
