@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Builds the Debian 12 systemd "worker node" image for Molecule and the demo, without any
+# registry: debootstrap a minimal bookworm with systemd and Python, cache the root file
+# system as a tarball under .cache/node-image/, and import it into the dockerd at
+# $DOCKER_HOST (scripts/molecule-dockerd.sh). Reruns reuse the tarball and the image.
+#
+#   bash scripts/node-image.sh            # prints the image name when done
+#
+# NODE_IMAGE (default cvmfs-graphdriver/node:debian12) names the image; DEBIAN_MIRROR
+# (default http://deb.debian.org/debian) is where debootstrap and the node fetch packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGE=${NODE_IMAGE:-cvmfs-graphdriver/node:debian12}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+CACHE=.cache/node-image
+# Bump when the package list or the set-up below changes: rebuilds the tarball.
+RECIPE=3
+PACKAGES=systemd,systemd-sysv,dbus,python3,python3-apt,procps,ca-certificates,iproute2
+TARBALL=$CACHE/debian12-systemd-r$RECIPE.tar
+
+: "${DOCKER_HOST:?set DOCKER_HOST (eval \"\$(bash scripts/molecule-dockerd.sh env)\")}"
+
+if docker image inspect "$IMAGE" --format '{{index .Config.Labels "recipe"}}' 2>/dev/null \
+    | grep -qx "$RECIPE"; then
+  echo "$IMAGE"
+  exit 0
+fi
+
+if [[ ! -s $TARBALL ]]; then
+  command -v debootstrap >/dev/null || { echo "node-image: debootstrap missing (scripts/setup.sh installs it)" >&2; exit 1; }
+  mkdir -p "$CACHE"
+  rootfs=$(mktemp -d /var/tmp/node-rootfs.XXXXXX)
+  trap 'rm -rf "$rootfs"' EXIT
+  echo "node-image: debootstrap bookworm into $rootfs (about a minute)" >&2
+  debootstrap --variant=minbase --include="$PACKAGES" bookworm "$rootfs" "$MIRROR" \
+    >"$CACHE/debootstrap.log" 2>&1 || { tail -n 30 "$CACHE/debootstrap.log" >&2; exit 1; }
+  cat >"$rootfs/etc/apt/sources.list" <<SOURCES
+deb $MIRROR bookworm main
+deb $MIRROR bookworm-updates main
+SOURCES
+  # A container has no consoles, no udev and no kernel to tune: keep systemd from trying.
+  for unit in getty@tty1.service console-getty.service systemd-udevd.service \
+      systemd-udev-trigger.service systemd-sysctl.service systemd-modules-load.service \
+      systemd-remount-fs.service sys-kernel-config.mount sys-kernel-debug.mount \
+      sys-kernel-tracing.mount; do
+    ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
+  done
+  : >"$rootfs/etc/machine-id"
+  echo node >"$rootfs/etc/hostname"
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*_Packages
+  tar --numeric-owner --xattrs -C "$rootfs" -cf "$TARBALL.tmp" .
+  mv "$TARBALL.tmp" "$TARBALL"
+fi
+
+echo "node-image: importing $TARBALL as $IMAGE" >&2
+docker import "$TARBALL" "$IMAGE-rootfs" >/dev/null
+# systemd as PID 1 stops cleanly on SIGRTMIN+3 (SIGTERM makes it re-execute itself).
+docker build -q -t "$IMAGE" - >/dev/null <<DOCKERFILE
+FROM $IMAGE-rootfs
+ENV container=docker
+STOPSIGNAL SIGRTMIN+3
+LABEL recipe=$RECIPE
+CMD ["/lib/systemd/systemd"]
+DOCKERFILE
+docker rmi "$IMAGE-rootfs" >/dev/null
+echo "$IMAGE"
