@@ -73,9 +73,9 @@ class DriverProcess:
     def log_path(self) -> str:
         return os.path.join(self.workdir, "driver.log")
 
-    def start(self) -> "DriverProcess":
+    def start(self) -> DriverProcess:
         os.makedirs(self.workdir, exist_ok=True)
-        logf = open(self.log_path, "ab")
+        logf = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cvmfs_graphdriver", "serve", "--socket", self.socket,
              "--log-level", "debug", *self.extra_args],
@@ -137,10 +137,10 @@ class Dockerd:
     def log_path(self) -> str:
         return os.path.join(self.root, "dockerd.log")
 
-    def start(self) -> "Dockerd":
+    def start(self) -> Dockerd:
         require_tool("dockerd")
         os.makedirs(self.root, exist_ok=True)
-        logf = open(self.log_path, "ab")
+        logf = open(self.log_path, "ab")  # noqa: SIM115 (handed to the child)
         self.proc = subprocess.Popen(
             ["dockerd", "--experimental", "-s", self.storage_driver,
              "--data-root", self.data_root, "--exec-root", os.path.join(self.root, "exec"),
@@ -218,7 +218,7 @@ class Registry:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> "Registry":
+    def start(self) -> Registry:
         binary = require_tool("docker-registry")
         os.makedirs(self.root, exist_ok=True)
         if not self.port:
@@ -232,7 +232,7 @@ class Registry:
                 f"    rootdirectory: {self.root}/data\n  delete:\n    enabled: true\n"
                 f"http:\n  addr: {self.address}\n"
             )
-        logf = open(os.path.join(self.root, "registry.log"), "ab")
+        logf = open(os.path.join(self.root, "registry.log"), "ab")  # noqa: SIM115
         self.proc = subprocess.Popen([binary, "serve", cfg], stdout=logf,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         logf.close()
@@ -253,9 +253,9 @@ class Registry:
 # ---------------------------------------------------------------------------- images
 
 BUSYBOX_APPLETS = (
-    "sh ls cat echo true false rm rmdir mkdir touch ln id stat sleep chmod chown mv cp "
-    "find sort head tail wc sync printf test env mknod mkfifo readlink md5sum sha256sum "
-    "xargs grep sed dd du tar date seq yes uname"
+    "sh ls cat echo true false rm rmdir mkdir touch ln id stat sleep chmod chown mv "
+    "cp find sort head tail wc sync printf test env mknod mkfifo readlink md5sum "
+    "sha256sum xargs grep sed dd du tar date seq yes uname"
 ).split()
 
 
@@ -318,7 +318,7 @@ def export_manifest(data: bytes) -> Dict[str, tuple]:
             xattrs = tuple(sorted((k, v) for k, v in m.pax_headers.items()
                                   if k.startswith("SCHILY.xattr.")))
             kind = m.type.decode() if isinstance(m.type, bytes) else str(m.type)
-            out[name] = (kind, oct(m.mode), m.uid, m.gid, m.size, digest,
-                         m.linkname if (m.issym() or m.islnk()) else "", m.devmajor if m.ischr() else 0,
-                         m.devminor if m.ischr() else 0, xattrs)
+            link = m.linkname if (m.issym() or m.islnk()) else ""
+            dev = (m.devmajor, m.devminor) if m.ischr() else (0, 0)
+            out[name] = (kind, oct(m.mode), m.uid, m.gid, m.size, digest, link, *dev, xattrs)
     return out
