@@ -337,8 +337,13 @@ def build_mask(dest: str, plan: MaskPlan, attr_sources: Sequence[str]) -> None:
         if dirs[path]:
             os.setxattr(full, OPAQUE_XATTR, b"y")
         for src in attr_sources:
+            candidate = os.path.join(src, path)
+            # Only a directory really inside the layer (no symlinked parent) lends its
+            # owner and mode.
+            if os.path.realpath(candidate) != os.path.join(os.path.realpath(src), path):
+                continue
             try:
-                st = os.lstat(os.path.join(src, path))
+                st = os.lstat(candidate)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             if stat.S_ISDIR(st.st_mode):

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import shutil
+import stat
 from typing import Callable, ContextManager, Dict, List, Optional, Set
 
 from . import thin
@@ -65,18 +67,34 @@ class ThinStacks:
     # ------------------------------------------------------------------ ApplyDiff
 
     def record(self, layer_id: str) -> Optional[thin.Descriptor]:
-        """If the applied layer holds thin.json, validate it and remember the layer as thin.
+        """If the applied layer is a thin image's layer, validate it and remember it.
 
-        Raises DescriptorError (the pull fails) for a descriptor this node must not use.
+        A thin layer holds `thin.json` and nothing else (so a regular image that happens
+        to ship a /thin.json among its files stays a regular image). Raises
+        DescriptorError (the pull fails) for a descriptor this node must not use.
         """
-        path = os.path.join(self.layout.diff(layer_id), thin.DESCRIPTOR_NAME)
+        diff = self.layout.diff(layer_id)
+        with os.scandir(diff) as it:
+            names = [e.name for e in itertools.islice(it, 2)]
+        if names != [thin.DESCRIPTOR_NAME]:
+            return None
+        path = os.path.join(diff, thin.DESCRIPTOR_NAME)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            st = os.lstat(path)
         except FileNotFoundError:
             return None
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            return None  # a whiteout: this layer deletes /thin.json, it is no descriptor
+        if not stat.S_ISREG(st.st_mode):
+            # Never open it: a FIFO would block the pull forever, a device has effects.
+            raise thin.DescriptorError("thin.json is not a regular file")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
             raise thin.DescriptorError(f"thin.json cannot be read: {e}") from None
         with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise thin.DescriptorError("thin.json is not a regular file")
             data = f.read(thin.MAX_DESCRIPTOR_BYTES + 1)
         desc = thin.parse_descriptor(data, self.config.repositories)
         os.makedirs(self._dir(layer_id), mode=0o700, exist_ok=True)
@@ -149,7 +167,11 @@ class ThinStacks:
                 if k in masks and (k > 0 or has_parent):
                     entries.append(self._link(tid, links, f"mask-{k}", self._mask_dir(tid, k)))
                 if k >= 1:
-                    entries.append(self._link(tid, links, f"layer-{k}", real[k - 1]))
+                    # An image can hold one layer twice (same digest, same directory);
+                    # overlayfs refuses to stack a directory twice (ELOOP). The upper
+                    # copy shadows everything the lower one shows, so leave that out.
+                    if real[k - 1] not in real[k:]:
+                        entries.append(self._link(tid, links, f"layer-{k}", real[k - 1]))
                     if "" in masks.get(-k, set()):
                         break  # layer k makes its root opaque: nothing below shows
             _atomic_write(os.path.join(self._dir(tid), "links.json"), json.dumps(links))
@@ -228,9 +250,16 @@ class ThinStacks:
             return None
         try:
             with open(index, encoding="utf-8") as f:
-                return thin.LayerMarkers.from_json(f.read(1 << 24))
+                markers = thin.LayerMarkers.from_json(f.read(1 << 24))
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        # The index comes from the repository: a name that is not a plain relative path
+        # ('..', absolute, empty parts) would make build_mask work outside the mask.
+        if not (all(_plain_path(p) for p in markers.markers + markers.deleted)
+                and all(p == "" or _plain_path(p) for p in markers.opaque)):
+            log.warning("ignoring %s: it names paths outside the layer; scanning instead", index)
+            return None
+        return markers
 
     def _masks(self, tid: str, desc: thin.Descriptor, real: List[str]) -> Dict[int, Set[str]]:
         """Build (once) and return {k: set()} for the masks that exist.
@@ -279,6 +308,12 @@ class ThinStacks:
             if desc is not None:
                 repos.update(desc.repositories)
         return repos
+
+
+def _plain_path(path: object) -> bool:
+    """A relative path with no '', '.' or '..' components (as layer entries are)."""
+    return (isinstance(path, str) and "\x00" not in path
+            and all(part not in ("", ".", "..") for part in path.split("/")))
 
 
 def _read_or_empty(path: str) -> str:

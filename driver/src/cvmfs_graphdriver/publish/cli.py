@@ -99,7 +99,7 @@ def convert(args: argparse.Namespace) -> int:
             _progress(f"flattened image {key[:12]} already in the store, skipped")
             skipped = 1
         else:
-            _publish_flat(store, image, rel, args.workdir)
+            _publish_flat(store, image, rel, args.workdir, args.source)
             published = 1
         layers = [thin.ThinLayer(store.repo, rel, key)]
     else:
@@ -136,6 +136,8 @@ def _publish_layer(store: Store, saved: images.SavedImage, n: int, diff_ids: Lis
     if digest != h:
         raise PublishError(f"layer {n + 1} of {origin} has digest {digest}, expected {h}: "
                            "the engine's copy is damaged; pull the image again")
+    if thin.DESCRIPTOR_NAME in {x.strip("/").removeprefix("./") for x in names}:
+        raise _nested(origin, n)
     markers = markers_from_names(names)
     store.publish_layer(layer_dir(h), lambda: saved.open_layer(n), markers, origin)
     _progress(f"layer {n + 1}/{len(diff_ids)} {h[:12]}: published {len(names)} entries, "
@@ -143,7 +145,15 @@ def _publish_layer(store: Store, saved: images.SavedImage, n: int, diff_ids: Lis
               f"({time.monotonic() - t0:.1f} s)")
 
 
-def _publish_flat(store: Store, image: Any, rel: str, workdir: Optional[str]) -> None:
+def _nested(origin: str, n: int) -> PublishError:
+    return PublishError(
+        f"{origin} is a thin image or built on one (layer {n + 1} holds thin.json, not the "
+        "files it stands for): convert the image it was made from instead"
+    )
+
+
+def _publish_flat(store: Store, image: Any, rel: str, workdir: Optional[str],
+                  origin: str = "") -> None:
     t0 = time.monotonic()
     if isinstance(store, DirStore):
         tree = store._partial(os.path.join(store.root, rel))
@@ -154,6 +164,8 @@ def _publish_flat(store: Store, image: Any, rel: str, workdir: Optional[str]) ->
             for n in range(len(saved.layer_paths)):
                 with saved.open_layer(n) as stream:
                     archive.apply_tar(stream, tree, whiteouts="apply")
+                if os.path.lexists(os.path.join(tree, thin.DESCRIPTOR_NAME)):
+                    raise _nested(origin, n)
                 _progress(f"flattening: layer {n + 1}/{len(saved.layer_paths)} applied")
         store.publish_tree(rel, tree)
     except BaseException:

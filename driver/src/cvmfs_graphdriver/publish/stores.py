@@ -106,9 +106,10 @@ class DirStore(Store):
     def _partial(self, final: str) -> str:
         parent, name = os.path.split(final)
         os.makedirs(parent, mode=0o755, exist_ok=True)
-        # Partial directories of runs that died are swept when the same layer comes again.
+        # Partial directories of runs that died are swept when the same layer comes again
+        # (not those of a run still going on this machine).
         for old in os.listdir(parent):
-            if old.startswith(f".{name}.partial-"):
+            if old.startswith(f".{name}.partial-") and not _alive(old.rsplit("-", 1)[-1]):
                 shutil.rmtree(os.path.join(parent, old), ignore_errors=True)
         tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
         os.mkdir(tmp, 0o755)
@@ -221,6 +222,18 @@ class CvmfsStore(Store):
             self._ingest(rel, feed, True)
         finally:
             shutil.rmtree(tree, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_all(out: IO[bytes], data: bytes) -> None:
