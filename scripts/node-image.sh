@@ -15,8 +15,8 @@ IMAGE=${NODE_IMAGE:-cvmfs-graphdriver/node:debian12}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=.cache/node-image
 # Bump when the package list or the set-up below changes: rebuilds the tarball.
-RECIPE=3
-PACKAGES=systemd,systemd-sysv,dbus,python3,python3-apt,procps,ca-certificates,iproute2
+RECIPE=5
+PACKAGES=systemd,systemd-sysv,dbus,python3,python3-apt,sudo,procps,ca-certificates,iproute2
 TARBALL=$CACHE/debian12-systemd-r$RECIPE.tar
 
 : "${DOCKER_HOST:?set DOCKER_HOST (eval \"\$(bash scripts/molecule-dockerd.sh env)\")}"
@@ -48,7 +48,9 @@ SOURCES
   done
   : >"$rootfs/etc/machine-id"
   echo node >"$rootfs/etc/hostname"
-  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*_Packages
+  # No package lists: the node updates them (an old Release file would look fresh to apt).
+  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+  mkdir -p "$rootfs"/var/lib/apt/lists/partial
   tar --numeric-owner --xattrs -C "$rootfs" -cf "$TARBALL.tmp" .
   mv "$TARBALL.tmp" "$TARBALL"
 fi

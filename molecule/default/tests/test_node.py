@@ -98,7 +98,7 @@ def test_docker_uses_the_cvmfs_storage_driver(host):
 
 def test_regular_image_runs(host, busybox):
     out = run_ok(host, "docker", "run", "--rm", "--network", "none", busybox,
-                 "sh", "-c", "echo hello > /tmp/greeting && cat /tmp/greeting && grep ' / ' /proc/mounts")
+                 "sh", "-c", "echo hello > /greeting && cat /greeting && grep ' / ' /proc/mounts")
     lines = out.splitlines()
     assert lines[0] == "hello"
     assert lines[1].startswith("overlay / overlay"), out
