@@ -191,6 +191,9 @@ class Driver:
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("ignoring unreadable state file %s: %s", self.state_file, e)
             return False
+        if not isinstance(home, str) or not os.path.isdir(home):
+            log.info("recorded home %r is gone; waiting for dockerd's Init", home)
+            return False
         try:
             self.init(home, None, None, None)
         except (OSError, DriverError) as e:
