@@ -610,51 +610,6 @@ def _same_time(a: int, b: int) -> bool:
     )
 
 
-def overlay_changes(lowers: Sequence[str], upper: str) -> List[Change]:
-    """Changes of an overlay upper dir against its lower dirs (moby's OverlayChanges)."""
-    changes: List[Change] = []
-    changed_dirs = set()
-    for path, st in walk(upper):
-        full = upper + path
-        is_dir = stat.S_ISDIR(st.st_mode)
-        deleted = is_whiteout_device(st) or (is_dir and is_opaque(full))
-        if deleted:
-            kind = CHANGE_DELETE
-        else:
-            kind = CHANGE_ADD
-            skip = False
-            for lower in lowers:
-                try:
-                    lst = os.stat(lower + path)
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                except OSError as e:
-                    if e.errno == errno.ELOOP:
-                        continue
-                    raise
-                if (
-                    stat.S_ISDIR(lst.st_mode)
-                    and is_dir
-                    and st.st_size == lst.st_size
-                    and st.st_mode == lst.st_mode
-                    and _same_time(st.st_mtime_ns, lst.st_mtime_ns)
-                ):
-                    skip = True
-                kind = CHANGE_MODIFY
-                break
-            if skip:
-                continue
-        if is_dir:
-            changed_dirs.add(path)
-        if kind in (CHANGE_ADD, CHANGE_DELETE):
-            parent = path.rsplit("/", 1)[0] or "/"
-            if parent != "/" and parent not in changed_dirs:
-                changes.append(Change(parent, CHANGE_MODIFY))
-                changed_dirs.add(parent)
-        changes.append(Change(path, kind))
-    return changes
-
-
 @dataclass
 class _Node:
     st: Optional[os.stat_result]

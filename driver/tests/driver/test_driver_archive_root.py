@@ -12,7 +12,7 @@ import pytest
 from layer_tools import read_tar
 
 from cvmfs_graphdriver import archive
-from cvmfs_graphdriver.archive import CHANGE_ADD, CHANGE_DELETE, CHANGE_MODIFY
+from cvmfs_graphdriver.archive import CHANGE_MODIFY
 
 pytestmark = pytest.mark.root
 
@@ -35,33 +35,6 @@ def _pairs(changes):
     out = [(c.path, c.kind) for c in changes]
     assert len(out) == len(set(out)), f"duplicate changes: {out}"
     return set(out)
-
-
-def test_overlay_changes_with_whiteouts_and_opaque_dirs(as_root, tmp_path):
-    lower, upper = str(tmp_path / "lower"), str(tmp_path / "upper")
-    _write(f"{lower}/gone", b"g")
-    _write(f"{lower}/sub/gone2", b"g")
-    _write(f"{lower}/opq/hidden", b"h")
-    os.makedirs(upper)
-    _whiteout(f"{upper}/gone")
-    os.makedirs(f"{upper}/sub")
-    st = os.stat(f"{lower}/sub")
-    os.utime(f"{upper}/sub", ns=(st.st_atime_ns, st.st_mtime_ns))
-    _whiteout(f"{upper}/sub/gone2")
-    os.utime(f"{upper}/sub", ns=(st.st_atime_ns, st.st_mtime_ns))
-    os.makedirs(f"{upper}/opq")
-    os.setxattr(f"{upper}/opq", "trusted.overlay.opaque", b"y")
-    _write(f"{upper}/opq/new", b"n")
-    os.mknod(f"{upper}/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a device, no whiteout
-
-    assert _pairs(archive.overlay_changes([lower], upper)) == {
-        ("/gone", CHANGE_DELETE),
-        ("/sub", CHANGE_MODIFY),
-        ("/sub/gone2", CHANGE_DELETE),
-        ("/opq", CHANGE_DELETE),
-        ("/opq/new", CHANGE_ADD),
-        ("/null", CHANGE_ADD),
-    }
 
 
 def test_changes_dirs_sees_owner_and_capability_changes(as_root, tmp_path):
