@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what the driver's tests and tools need on Debian 12 (as root), idempotently:
-# Debian packages (a real dockerd, a registry, busybox for tiny images) and a Python
-# virtualenv at .venv with the driver installed editable plus the test tools.
+# Debian packages (a real dockerd, a registry, busybox for tiny images, debootstrap for
+# the Molecule worker-node image) and a Python virtualenv at .venv with the driver
+# installed editable plus the test tools and the Ansible tooling (requirements-ansible.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(docker.io docker-registry busybox-static python3-venv attr tar)
+APT_PACKAGES=(docker.io docker-registry busybox-static python3-venv attr tar debootstrap)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -30,3 +31,4 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check -e 'driver[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-ansible.txt

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: lint, type check, unit tests, driver tests with real
-# overlay mounts, and integration tests against real private dockerds and a registry.
+# overlay mounts, and integration tests against real private dockerds and a registry;
+# then the provisioning side (scripts/test-provisioning.sh: the collection's unit tests,
+# yamllint, ansible-lint, the collection build and `molecule test`).
 # Needs root (mounts, dockerd). Installs what it needs first (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,5 +14,6 @@ echo "== lint (ruff) and type check (mypy)"
 (cd driver && ../.venv/bin/mypy)
 
 echo "== driver tests (pytest)"
-cd driver
-exec ../.venv/bin/python -m pytest "$@"
+(cd driver && ../.venv/bin/python -m pytest "$@")
+
+bash scripts/test-provisioning.sh

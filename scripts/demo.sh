@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The main job, end to end on this machine (as root, Debian 12):
+#   1. a local worker node: a Debian 12 container running systemd, in a private dockerd
+#      (scripts/molecule-dockerd.sh), built locally (scripts/node-image.sh: debootstrap);
+#   2. `ansible-playbook site.yml` provisions it: overlayfs, CVMFS client configuration,
+#      the cvmfs-graphdriver daemon (wheel built here, socket-activated), Docker 20.10 on
+#      the `cvmfs` storage driver;
+#   3. playbooks/verify.yml health-checks it and runs a regular (busybox) image;
+#   4. (thin images: publish a sample image with cvmfs-thin and run it - issue 3, TODO)
+#   and prints what happened. The node is removed at the end unless --keep is given.
+#
+#   bash scripts/demo.sh [--keep]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+KEEP=
+[[ ${1:-} == --keep ]] && KEEP=1
+NODE=cvmfs-graphdriver-demo-node
+IMAGE=${NODE_IMAGE:-cvmfs-graphdriver/node:debian12}
+WORK=.cache/demo
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+bash scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+say "private dockerd for the worker node"
+started_dockerd=
+if ! bash scripts/molecule-dockerd.sh status >/dev/null 2>&1; then
+  bash scripts/molecule-dockerd.sh start
+  started_dockerd=1
+fi
+eval "$(bash scripts/molecule-dockerd.sh env)"
+cleanup() {
+  if [[ -z $KEEP ]]; then
+    docker rm -f "$NODE" >/dev/null 2>&1 || true
+    [[ -n $started_dockerd ]] && bash scripts/molecule-dockerd.sh stop
+  fi
+  true
+}
+trap cleanup EXIT
+
+say "worker node image (debootstrap'd Debian 12 with systemd; cached in .cache/node-image)"
+bash scripts/node-image.sh
+
+say "start the worker node $NODE (systemd as PID 1)"
+docker rm -f "$NODE" >/dev/null 2>&1 || true
+mkdir -p .cache/node-apt-archives "$WORK"
+caps=(AUDIT_CONTROL AUDIT_READ AUDIT_WRITE BLOCK_SUSPEND CHOWN DAC_OVERRIDE DAC_READ_SEARCH
+  FOWNER FSETID IPC_LOCK IPC_OWNER KILL LEASE LINUX_IMMUTABLE MAC_ADMIN MAC_OVERRIDE MKNOD
+  NET_ADMIN NET_BIND_SERVICE NET_BROADCAST NET_RAW SETFCAP SETGID SETPCAP SETUID SYSLOG
+  SYS_ADMIN SYS_BOOT SYS_CHROOT SYS_MODULE SYS_NICE SYS_PACCT SYS_PTRACE SYS_RAWIO SYS_TIME
+  SYS_TTY_CONFIG WAKE_ALARM)   # --privileged fails here (no CAP_SYS_RESOURCE)
+docker run -d --name "$NODE" --hostname "$NODE" "${caps[@]/#/--cap-add=}" \
+  --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
+  --security-opt systempaths=unconfined \
+  --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
+  --tmpfs /run --tmpfs /run/lock --tmpfs /tmp \
+  -v /var/lib/docker -v /cvmfs \
+  -v "$PWD/.cache/node-apt-archives:/var/cache/apt/archives" \
+  --network host "$IMAGE" >/dev/null
+state=$(docker exec "$NODE" systemctl is-system-running --wait || true)
+echo "systemd in $NODE: $state"
+
+cat >"$WORK/inventory.yml" <<INVENTORY
+# Written by scripts/demo.sh: the local worker node, reached with docker exec.
+all:
+  children:
+    workers:
+      hosts:
+        $NODE:
+          ansible_connection: community.docker.docker
+      vars:
+        # CERN's package repositories are unreachable here: configuration only.
+        cvmfs_client_install: false
+        cvmfs_client_repositories: [thin.example.org]
+        # The node shares this machine's network namespace: no docker0, no iptables.
+        docker_engine_bridge: none
+        docker_engine_iptables: false
+        verify_image: busybox:demo
+        verify_pull: false
+INVENTORY
+
+say "ansible-playbook site.yml (provision the worker node)"
+start=$(date +%s)
+ansible-playbook -i "$WORK/inventory.yml" site.yml | tee "$WORK/converge.log"
+converge_s=$(( $(date +%s) - start ))
+
+say "a regular image on the node: busybox from this machine's busybox-static, docker import"
+tmp=$(mktemp -d)
+mkdir -p "$tmp/bin" && cp /bin/busybox "$tmp/bin/"
+for applet in sh cat echo ls grep cut hostname sleep; do ln -s busybox "$tmp/bin/$applet"; done
+tar -C "$tmp" -c . | docker exec -i "$NODE" docker import -c 'CMD ["sh"]' - busybox:demo
+rm -rf "$tmp"
+
+say "playbooks/verify.yml (health check and a test container)"
+ansible-playbook -i "$WORK/inventory.yml" playbooks/verify.yml | tee "$WORK/verify.log"
+
+# TODO(issue 3): publish a sample thin image with cvmfs-thin into the node's
+# /cvmfs/thin.example.org (playbooks/publish.yml, with a publisher host or the controller)
+# and run it here, printing the files it shows and how few bytes the node pulled.
+
+say "what happened"
+run_out=$(docker exec "$NODE" docker run --rm --network none busybox:demo \
+  sh -c 'echo "hello from a container on $(hostname)"; grep " / " /proc/mounts')
+recap=$(grep -A1 "PLAY RECAP" "$WORK/converge.log" | tail -1 | tr -s ' ')
+cat <<SUMMARY
+worker node:      $NODE (Debian 12, systemd $state), provisioned by site.yml in ${converge_s} s
+                  ${recap}
+docker:           $(docker exec "$NODE" docker info --format '{{.ServerVersion}}, storage driver {{.Driver}}')
+driver units:     $(docker exec "$NODE" systemctl is-active cvmfs-graphdriver.socket cvmfs-graphdriver.service | paste -sd' ') (socket, service)
+driver config:    $(docker exec "$NODE" /opt/cvmfs-graphdriver/bin/cvmfs-graphdriver show-config | paste -sd' ')
+daemon.json:      $(docker exec "$NODE" cat /etc/docker/daemon.json | tr -d ' \n')
+regular image:    busybox:demo ->
+$(sed 's/^/                  /' <<<"$run_out")
+thin image:       not yet (issue 3: cvmfs-thin publisher)
+SUMMARY
+if [[ -n $KEEP ]]; then
+  echo
+  echo "The node keeps running: DOCKER_HOST=$DOCKER_HOST docker exec -it $NODE bash"
+  echo "Remove it with: DOCKER_HOST=$DOCKER_HOST docker rm -f $NODE; bash scripts/molecule-dockerd.sh stop"
+fi

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Tests of the provisioning side: the collection's unit tests, yamllint, ansible-lint
+# (production profile), the collection build, and `molecule test` of the default scenario
+# on a private dockerd (scripts/molecule-dockerd.sh, started here and stopped afterwards
+# when this script started it). Needs root. scripts/test.sh runs it after the driver
+# tests; run it alone after scripts/setup.sh for the Ansible side only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+
+passed=0
+stage() { echo; echo "== $*"; }
+done_stage() { passed=$((passed + 1)); }
+
+stage "collection unit tests (pytest)"
+python -m pytest -q -p no:cacheprovider collections/ansible_collections/cvmfs_graphdriver/provisioning/tests/unit
+done_stage
+
+stage "role variables: argument_specs.yml, defaults/main.yml and READMEs agree"
+python scripts/role-docs.py --check
+done_stage
+
+stage "yamllint"
+yamllint -s .
+done_stage
+
+stage "ansible-lint --profile production"
+ansible-lint --profile production
+done_stage
+
+stage "ansible-galaxy collection build (artifact must include the roles)"
+out=$(mktemp -d)
+ansible-galaxy collection build collections/ansible_collections/cvmfs_graphdriver/provisioning \
+  --output-path "$out" >/dev/null
+listing=$(tar -tzf "$out"/cvmfs_graphdriver-provisioning-*.tar.gz)
+for f in plugins/modules/docker_daemon_json.py roles/overlay/tasks/main.yml \
+    roles/cvmfs_client/tasks/main.yml roles/docker_engine/tasks/main.yml \
+    roles/graphdriver/tasks/main.yml roles/graphdriver/meta/argument_specs.yml; do
+  grep -qx "$f" <<<"$listing" || { echo "collection artifact lacks $f" >&2; exit 1; }
+done
+echo "built $(basename "$out"/*.tar.gz) with the module and the four roles"
+rm -rf "$out"
+done_stage
+
+stage "molecule test (default scenario: Debian 12 systemd node, converge, idempotence, verify)"
+started_dockerd=
+if ! bash scripts/molecule-dockerd.sh status >/dev/null 2>&1; then
+  bash scripts/molecule-dockerd.sh start
+  started_dockerd=1
+fi
+cleanup() { [[ -n $started_dockerd ]] && bash scripts/molecule-dockerd.sh stop; true; }
+trap cleanup EXIT
+eval "$(bash scripts/molecule-dockerd.sh env)"
+bash scripts/node-image.sh >/dev/null
+mkdir -p .cache/node-apt-archives
+start=$(date +%s)
+molecule test -s default
+echo "molecule test took $(( $(date +%s) - start )) s"
+done_stage
+
+echo
+echo "provisioning: $passed passed, 0 failed"
