@@ -24,8 +24,10 @@ STATE_DIR = "/run/cvmfs-graphdriver"
 
 def state_file(socket_path: str) -> str:
     """Where the daemon serving `socket_path` records dockerd's Init (gone after a reboot,
-    like the mounts)."""
-    return os.path.join(STATE_DIR, os.path.basename(socket_path) + ".init.json")
+    like the mounts). Named after the whole socket path: daemons on other sockets never
+    pick up each other's home."""
+    name = os.path.normpath(socket_path).strip("/").replace("/", "-")
+    return os.path.join(STATE_DIR, f"{name}.init.json")
 
 
 def _parser() -> argparse.ArgumentParser:
