@@ -210,7 +210,7 @@ def apply_tar(stream: IO[bytes], root: str, whiteouts: str = "overlay") -> Apply
     try:
         try:
             tar = tarfile.open(  # noqa: SIM115 (closed by the with below)
-                fileobj=stream, mode="r|", errors="surrogateescape"
+                fileobj=stream, mode="r|", errors="surrogateescape", bufsize=_COPY_CHUNK
             )
         except tarfile.ReadError as e:
             raise DriverError(f"layer data is not a valid uncompressed tar: {e}") from None

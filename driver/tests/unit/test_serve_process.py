@@ -103,13 +103,23 @@ def test_serve_uses_a_socket_passed_by_systemd(tmp_path):
     listener.listen(8)
     unused = str(tmp_path / "configured.sock")  # what it would bind without systemd
     fd = listener.fileno()
-    script = (f'exec 3<&{fd}; LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -m cvmfs_graphdriver '
-              f'serve --socket {unused}')
-    proc = subprocess.Popen(["sh", "-c", script, sys.executable], pass_fds=[fd],
+    # What systemd does between fork and exec: the socket becomes fd 3, LISTEN_PID is the
+    # process's own pid.
+    launcher = (
+        "import os, sys\n"
+        f"os.dup2({fd}, 3)\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'cvmfs_graphdriver', 'serve',"
+        f" '--socket', {unused!r}])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher], pass_fds=[fd],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     listener.close()  # the daemon holds it now
     try:
-        wait_for(lambda: _answers(activated))
+        try:
+            wait_for(lambda: _answers(activated))
+        except AssertionError:
+            raise AssertionError(f"no answer on the activated socket; log:\n{stop(proc)}") from None
         assert call(activated, "Plugin.Activate", {}) == {"Implements": ["GraphDriver"]}
         assert not os.path.exists(unused)
     finally:
