@@ -15,7 +15,7 @@ IMAGE=${NODE_IMAGE:-cvmfs-graphdriver/node:debian12}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=.cache/node-image
 # Bump when the package list or the set-up below changes: rebuilds the tarball.
-RECIPE=5
+RECIPE=7
 PACKAGES=systemd,systemd-sysv,dbus,python3,python3-apt,sudo,procps,ca-certificates,iproute2
 TARBALL=$CACHE/debian12-systemd-r$RECIPE.tar
 
@@ -48,9 +48,11 @@ SOURCES
   done
   : >"$rootfs/etc/machine-id"
   echo node >"$rootfs/etc/hostname"
-  # No package lists: the node updates them (an old Release file would look fresh to apt).
-  rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-  mkdir -p "$rootfs"/var/lib/apt/lists/partial
+  rm -f "$rootfs"/var/cache/apt/archives/*.deb
+  # Keep debootstrap's package lists (check mode resolves package names from them, as on
+  # an installed machine) but make them look old, so the roles' apt cache_valid_time
+  # refreshes them before installing anything.
+  touch -d @0 "$rootfs"/var/lib/apt/lists
   tar --numeric-owner --xattrs -C "$rootfs" -cf "$TARBALL.tmp" .
   mv "$TARBALL.tmp" "$TARBALL"
 fi
@@ -66,4 +68,5 @@ LABEL recipe=$RECIPE
 CMD ["/lib/systemd/systemd"]
 DOCKERFILE
 docker rmi "$IMAGE-rootfs" >/dev/null
+docker image prune -f >/dev/null   # the previous recipe's image, now untagged
 echo "$IMAGE"
