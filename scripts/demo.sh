@@ -59,8 +59,14 @@ docker run -d --name "$NODE" --hostname "$NODE" "${caps[@]/#/--cap-add=}" \
   -v /var/lib/docker -v /cvmfs \
   -v "$PWD/.cache/node-apt-archives:/var/cache/apt/archives" \
   --network host "$IMAGE" >/dev/null
-state=$(docker exec "$NODE" systemctl is-system-running --wait || true)
-echo "systemd in $NODE: $state"
+state=
+for _ in $(seq 1 60); do   # until systemd answers on its bus
+  state=$(docker exec "$NODE" systemctl is-system-running --wait 2>/dev/null) || true
+  [[ -n $state ]] && break
+  sleep 1
+done
+echo "systemd in $NODE: ${state:-not answering}"
+[[ $state == running || $state == degraded ]] || { docker logs "$NODE" | tail -20; exit 1; }
 
 cat >"$WORK/inventory.yml" <<INVENTORY
 # Written by scripts/demo.sh: the local worker node, reached with docker exec.
