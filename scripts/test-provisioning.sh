@@ -16,6 +16,11 @@ stage "collection unit tests (pytest)"
 python -m pytest -q -p no:cacheprovider collections/ansible_collections/cvmfs_graphdriver/provisioning/tests/unit
 done_stage
 
+stage "ruff (the module, its tests, the testinfra tests, scripts)"
+ruff check --select E,F,W,I,B,UP,SIM --ignore E402 --line-length 110 --target-version py39 \
+  collections molecule scripts/role-docs.py   # E402: Ansible modules import after DOCUMENTATION
+done_stage
+
 stage "role variables: argument_specs.yml, defaults/main.yml and READMEs agree"
 python scripts/role-docs.py --check
 done_stage

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -122,7 +125,8 @@ def test_driver_restart_keeps_running_containers(host, busybox):
         assert after["Running"] and after["Pid"] == before["Pid"]
         assert after["StartedAt"] == before["StartedAt"]
         # the container's root file system is still there and writable
-        assert run_ok(host, "docker", "exec", cid, "sh", "-c", "echo alive > /alive && cat /alive").strip() == "alive"
+        out = run_ok(host, "docker", "exec", cid, "sh", "-c", "echo alive > /alive && cat /alive")
+        assert out.strip() == "alive"
     finally:
         # stop and remove need the driver (Put, Remove): they work after its restart
         run_ok(host, "docker", "rm", "-f", cid)
@@ -132,3 +136,71 @@ def test_driver_restart_keeps_running_containers(host, busybox):
 # cvmfs-thin (layers under /cvmfs/thin.example.org), `docker run` it, and assert that
 # the files of the source image are visible (and deleted ones are not), e.g.
 #   def test_thin_image_runs(host): ...
+
+
+# ----------------------------------------------- docker_engine: version handling
+
+ROLE_PLAY = """\
+- name: Docker engine role only
+  hosts: workers
+  become: true
+  roles:
+    - cvmfs_graphdriver.provisioning.docker_engine
+"""
+
+
+@pytest.fixture
+def docker_engine_play(tmp_path, pytestconfig):
+    """Run only the docker_engine role on the node, as `ansible-playbook` would."""
+    project = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 3))
+    playbook = tmp_path / "docker_engine.yml"
+    playbook.write_text(ROLE_PLAY)
+    inventory = pytestconfig.getoption("ansible_inventory")
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=os.path.join(project, "roles"),
+               ANSIBLE_COLLECTIONS_PATH=os.path.join(project, "collections"),
+               ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    ansible_playbook = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+
+    def play(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([ansible_playbook, "-i", inventory, str(playbook), *args],
+                              env=env, capture_output=True, text=True, timeout=600)
+    return play
+
+
+@pytest.fixture
+def fake_dockerd_version(host):
+    """Make `dockerd --version` (as the role runs it, through PATH) report another version;
+    docker.service keeps running the real /usr/sbin/dockerd."""
+    fake = "/usr/local/sbin/dockerd"
+
+    def install(version: str) -> None:
+        script = f'#!/bin/sh\\necho "Docker version {version}, build 0000000"\\n'
+        run_ok(host, "sh", "-c", f"printf '{script}' > {fake} && chmod 0755 {fake}")
+    yield install
+    run_ok(host, "rm", "-f", fake)
+
+
+def test_docker_28_is_refused_and_nothing_changes(host, docker_engine_play, fake_dockerd_version):
+    before = host.file("/etc/docker/daemon.json").content_string
+    fake_dockerd_version("28.1.1")
+    result = docker_engine_play()
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert "Docker 28.1.1 is installed on this node" in out
+    assert "Nothing was changed" in out and "27.5.1" in out
+    assert " changed=0 " in out, out
+    assert host.file("/etc/docker/daemon.json").content_string == before
+    assert not host.file("/etc/systemd/system/docker.service.d/20-graphdriver-plugins.conf").exists
+    assert run_ok(host, "docker", "info", "--format", "{{.Driver}}").strip() == "cvmfs"
+
+
+def test_docker_27_gets_the_plugin_switch_check_mode_shows_it(host, docker_engine_play,
+                                                              fake_dockerd_version):
+    fake_dockerd_version("27.5.1")
+    result = docker_engine_play("--check", "--diff")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "+Environment=DOCKERD_DEPRECATED_GRAPHDRIVER_PLUGINS=1" in out
+    assert " failed=0 " in out, out
+    # check mode: the node is left as it was
+    assert not host.file("/etc/systemd/system/docker.service.d/20-graphdriver-plugins.conf").exists

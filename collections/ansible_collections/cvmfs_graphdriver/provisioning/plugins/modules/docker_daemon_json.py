@@ -101,9 +101,9 @@ def parse(text, path="daemon.json"):
     try:
         data = json.loads(text)
     except ValueError as e:
-        raise ValueError("%s is not valid JSON: %s" % (path, e)) from None
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError("%s must hold a JSON object, found %s" % (path, type(data).__name__))
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
 
 
@@ -114,7 +114,7 @@ def merge(current, settings, remove):
     """
     both = sorted(set(settings) & set(remove))
     if both:
-        raise ValueError("keys both set and removed: %s" % ", ".join(both))
+        raise ValueError("keys both set and removed: " + ", ".join(both))
     new = dict(current)
     for key, value in settings.items():
         new[key] = value
@@ -140,7 +140,7 @@ def run(module):
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except OSError as e:
-            module.fail_json(msg="cannot read %s: %s" % (path, e), **result)
+            module.fail_json(msg=f"cannot read {path}: {e}", **result)
     try:
         current = parse(text, path)
         new, changed_keys = merge(current, module.params["settings"], module.params["remove"])
@@ -155,17 +155,17 @@ def run(module):
     result["changed"] = True
     if module._diff:
         result["diff"] = {"before": text, "after": after,
-                          "before_header": path if exists else "%s (absent)" % path,
+                          "before_header": path if exists else f"{path} (absent)",
                           "after_header": path}
     if module.check_mode:
         return result
 
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
-        module.fail_json(msg="directory %s does not exist" % directory, **result)
+        module.fail_json(msg=f"directory {directory} does not exist", **result)
     if exists and module.params["backup"]:
         result["backup_file"] = module.backup_local(path)
-    tmp = os.path.join(directory, ".%s.ansible-tmp" % os.path.basename(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.ansible-tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(after)
     module.atomic_move(tmp, path)

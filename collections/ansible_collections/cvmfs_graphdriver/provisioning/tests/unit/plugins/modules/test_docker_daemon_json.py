@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from ansible_collections.cvmfs_graphdriver.provisioning.plugins.modules import docker_daemon_json as mod
 
 COLLECTIONS_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 7))
@@ -166,7 +165,8 @@ def test_module_removes_keys_and_backs_up(daemon_json):
     result = run_module({"path": str(daemon_json), "remove": ["log-driver"], "backup": True})
     assert result["changed"] is True
     assert json.loads(daemon_json.read_text()) == {"storage-driver": "overlay2"}
-    assert "journald" in open(result["backup_file"]).read()
+    with open(result["backup_file"]) as backup:
+        assert "journald" in backup.read()
 
 
 def test_module_fails_on_invalid_json_without_touching_it(tmp_path):
