@@ -6,7 +6,9 @@
 #      the cvmfs-graphdriver daemon (wheel built here, socket-activated), Docker 20.10 on
 #      the `cvmfs` storage driver;
 #   3. playbooks/verify.yml health-checks it and runs a regular (busybox) image;
-#   4. (thin images: publish a sample image with cvmfs-thin and run it - issue 3, TODO)
+#   4. a thin image: cvmfs-thin publishes a two-layer image into a local layer store
+#      (here, the publisher side); the node gets the store at /cvmfs/thin.example.org
+#      (where its CVMFS client would mount the repository) and runs the thin image;
 #   and prints what happened. The node is removed at the end unless --keep is given.
 #
 #   bash scripts/demo.sh [--keep]
@@ -83,6 +85,9 @@ all:
         # The node shares this machine's network namespace: no docker0, no iptables.
         docker_engine_bridge: none
         docker_engine_iptables: false
+        # Thin images from the repository the sample is published into.
+        graphdriver_cvmfs_root: /cvmfs
+        graphdriver_repositories: [thin.example.org]
         verify_image: busybox:demo
         verify_pull: false
 INVENTORY
@@ -102,9 +107,16 @@ rm -rf "$tmp"
 say "playbooks/verify.yml (health check and a test container)"
 ansible-playbook -i "$WORK/inventory.yml" playbooks/verify.yml | tee "$WORK/verify.log"
 
-# TODO(issue 3): publish a sample thin image with cvmfs-thin into the node's
-# /cvmfs/thin.example.org (playbooks/publish.yml, with a publisher host or the controller)
-# and run it here, printing the files it shows and how few bytes the node pulled.
+say "a thin image: cvmfs-thin convert on this machine (the publisher), run on the node"
+THIN=thin.example.org/sample:1
+bash scripts/sample-thin-image.sh "$WORK/thin" thin.example.org "$THIN"
+# CVMFS cannot be installed here: the node gets the published tree where the client
+# would mount the repository.
+docker exec -i "$NODE" tar -C /cvmfs/thin.example.org -x <"$WORK/thin/repository.tar"
+docker exec -i "$NODE" docker load <"$WORK/thin/thin-image.tar"
+thin_bytes=$(docker exec "$NODE" docker image inspect --format '{{.Size}}' "$THIN")
+thin_out=$(docker exec "$NODE" docker run --rm --network none "$THIN" sh -c \
+  'cat /etc/sample/base.txt /etc/sample/top.txt; echo "ls /etc/sample: $(ls /etc/sample)"')
 
 say "what happened"
 run_out=$(docker exec "$NODE" docker run --rm --network none busybox:demo \
@@ -119,7 +131,9 @@ driver config:    $(docker exec "$NODE" /opt/cvmfs-graphdriver/bin/cvmfs-graphdr
 daemon.json:      $(docker exec "$NODE" cat /etc/docker/daemon.json | tr -d ' \n')
 regular image:    busybox:demo ->
 $(sed 's/^/                  /' <<<"$run_out")
-thin image:       not yet (issue 3: cvmfs-thin publisher)
+thin image:       $THIN, ${thin_bytes} bytes on the node; layers read from /cvmfs/thin.example.org ->
+$(sed 's/^/                  /' <<<"$thin_out")
+repositories:     $(docker exec "$NODE" docker info --format '{{range .DriverStatus}}{{if eq (index . 0) "Repository thin.example.org"}}{{index . 1}}{{end}}{{end}}')
 SUMMARY
 if [[ -n $KEEP ]]; then
   echo

@@ -132,10 +132,28 @@ def test_driver_restart_keeps_running_containers(host, busybox):
         run_ok(host, "docker", "rm", "-f", cid)
 
 
-# TODO(issue 3): thin image check - load the thin image that prepare.yml publishes with
-# cvmfs-thin (layers under /cvmfs/thin.example.org), `docker run` it, and assert that
-# the files of the source image are visible (and deleted ones are not), e.g.
-#   def test_thin_image_runs(host): ...
+THIN = "thin.example.org/sample:1"
+
+
+def test_thin_image_runs_from_the_repository_tree(host):
+    """prepare.yml published a two-layer image with cvmfs-thin into the tree at
+    /cvmfs/thin.example.org (what the CVMFS client would show) and copied the thin image
+    here: the node stores only the descriptor, the container sees the source's files."""
+    run_ok(host, "docker", "load", "-i", "/var/tmp/thin-image.tar")
+    size = int(run_ok(host, "docker", "image", "inspect", "--format", "{{.Size}}", THIN))
+    assert size < 64 * 1024, f"the thin image holds {size} bytes"
+    out = run_ok(host, "docker", "run", "--rm", "--network", "none", THIN, "sh", "-c",
+                 "cat /etc/sample/base.txt /etc/sample/top.txt; ls /etc/sample; "
+                 "ls /data/old; find / -xdev -name '.wh.*' -o -xdev -name thin.json")
+    assert out.splitlines() == [
+        "from the base layer", "from the top layer",  # one file from each CVMFS layer
+        "base.txt", "top.txt",  # gone.txt was deleted by the top layer
+        "file2",  # /data/old was recreated: file1 of the base layer stays hidden
+    ]  # and no .wh.* marker or thin.json shows
+    info = run_ok(host, "docker", "info", "--format", "{{json .DriverStatus}}")
+    rows = dict(json.loads(info))
+    assert rows["CVMFS Repositories"] == "thin.example.org"
+    assert rows["Repository thin.example.org"].startswith("1 thin layers")
 
 
 # ----------------------------------------------- docker_engine: version handling
