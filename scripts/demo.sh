@@ -112,11 +112,12 @@ THIN=thin.example.org/sample:1
 bash scripts/sample-thin-image.sh "$WORK/thin" thin.example.org "$THIN"
 # CVMFS cannot be installed here: the node gets the published tree where the client
 # would mount the repository.
+docker exec "$NODE" mkdir -p /cvmfs/thin.example.org
 docker exec -i "$NODE" tar -C /cvmfs/thin.example.org -x <"$WORK/thin/repository.tar"
 docker exec -i "$NODE" docker load <"$WORK/thin/thin-image.tar"
 thin_bytes=$(docker exec "$NODE" docker image inspect --format '{{.Size}}' "$THIN")
 thin_out=$(docker exec "$NODE" docker run --rm --network none "$THIN" sh -c \
-  'cat /etc/sample/base.txt /etc/sample/top.txt; echo "ls /etc/sample: $(ls /etc/sample)"')
+  'cat /etc/sample/base.txt /etc/sample/top.txt; echo "ls /etc/sample:" $(ls /etc/sample)')
 
 say "what happened"
 run_out=$(docker exec "$NODE" docker run --rm --network none busybox:demo \
