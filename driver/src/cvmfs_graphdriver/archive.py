@@ -118,28 +118,11 @@ class _DirWalker:
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         self.forget()
-        fd = os.dup(self.root_fd)
-        try:
-            for i, part in enumerate(parts):
-                where = "/".join(parts[: i + 1])
-                try:
-                    nfd = _open_dir_at(fd, part, where)
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                    nfd = _open_dir_at(fd, part, where)
-                    os.chmod(nfd, 0o755)  # as moby's untar makes missing parents, any umask
-                except UnsafeLayerError:
-                    raise UnsafeLayerError(
-                        f"tar entry {shown!r}: its parent {where!r} is a symlink or not a "
-                        "directory; refusing to write through it"
-                    ) from None
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = _open_dirs(
+            self.root_fd, parts, create=create,
+            refuse=lambda where: f"tar entry {shown!r}: its parent {where!r} is a symlink or "
+            "not a directory; refusing to write through it",
+        )
         self._cached = (key, fd)
         return fd
 
@@ -363,23 +346,40 @@ def _apply_member(
         )
 
 
-def _open_existing_dir(root_fd: int, parts: Sequence[str], shown: str) -> int:
+def _open_dirs(root_fd: int, parts: Sequence[str], *, create: bool,
+               refuse: Callable[[str], str]) -> int:
+    """Open the directory `parts` below `root_fd` one component at a time, never following
+    a symlink. Missing directories are made (0755, whatever the umask) when `create`;
+    `refuse(where)` words the error for a component that is a symlink or not a directory.
+    """
     fd = os.dup(root_fd)
     try:
         for i, part in enumerate(parts):
+            where = "/".join(parts[: i + 1])
             try:
-                nfd = _open_dir_at(fd, part, "/".join(parts[: i + 1]))
+                nfd = _open_dir_at(fd, part, where)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(part, 0o755, dir_fd=fd)
+                nfd = _open_dir_at(fd, part, where)
+                os.chmod(nfd, 0o755)  # as moby's untar makes missing parents, any umask
             except UnsafeLayerError:
-                raise UnsafeLayerError(
-                    f"tar entry {shown!r}: hard link target goes through "
-                    f"{'/'.join(parts[: i + 1])!r}, a symlink or non-directory"
-                ) from None
+                raise UnsafeLayerError(refuse(where)) from None
             os.close(fd)
             fd = nfd
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _open_existing_dir(root_fd: int, parts: Sequence[str], shown: str) -> int:
+    return _open_dirs(
+        root_fd, parts, create=False,
+        refuse=lambda where: f"tar entry {shown!r}: hard link target goes through {where!r}, "
+        "a symlink or non-directory",
+    )
 
 
 def _proc_path_dir(dir_fd: int) -> str:
