@@ -14,31 +14,12 @@ from typing import IO, Dict, Iterator, List, Optional, Tuple
 from . import __version__, archive, mounts
 from .config import Config
 from .errors import DriverError, NotFoundError
+from .files import atomic_write, fsync_dir, read, write_durably
 from .layout import Layout, lower_chain, new_short_id, overlay_options, validate_id
 from .thin import DescriptorError
 from .thinstack import ThinStacks
 
 log = logging.getLogger(__name__)
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip()
-
-
-def _write_durably(path: str, content: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Driver:
@@ -95,13 +76,13 @@ class Driver:
 
     def _lower(self, layer_id: str) -> str:
         try:
-            return _read(self.layout.lower_file(layer_id))
+            return read(self.layout.lower_file(layer_id))
         except FileNotFoundError:
             return ""
 
     def _parent(self, layer_id: str) -> str:
         try:
-            return _read(self.layout.parent_file(layer_id))
+            return read(self.layout.parent_file(layer_id))
         except FileNotFoundError:
             return ""
 
@@ -168,9 +149,7 @@ class Driver:
             return
         try:
             os.makedirs(os.path.dirname(self.state_file), mode=0o755, exist_ok=True)
-            tmp = f"{self.state_file}.tmp"
-            _write_durably(tmp, json.dumps({"Home": home}) + "\n")
-            os.rename(tmp, self.state_file)
+            atomic_write(self.state_file, json.dumps({"Home": home}) + "\n")
         except OSError as e:
             log.warning("cannot record the driver home in %s (a restart of the driver will "
                         "need a dockerd restart): %s", self.state_file, e)
@@ -230,7 +209,7 @@ class Driver:
                 self._remove_layer_dir(name)
                 continue
             try:
-                short = _read(layout.link_file(name))
+                short = read(layout.link_file(name))
             except FileNotFoundError:
                 short = ""
             if short and not os.path.islink(layout.short_link(short)):
@@ -268,7 +247,7 @@ class Driver:
             if parent:
                 parent = self._id(parent, "parent id")
                 self._require(parent)
-                parent_link = _read(layout.link_file(parent))
+                parent_link = read(layout.link_file(parent))
                 parent_lower = self._lower(parent)
             try:
                 lower = lower_chain(parent_link, parent_lower)
@@ -281,19 +260,19 @@ class Driver:
                 os.mkdir(os.path.join(tmp, "diff"), 0o755)
                 os.chmod(os.path.join(tmp, "diff"), 0o755)  # the layer root, whatever the umask
                 short = new_short_id()
-                _write_durably(os.path.join(tmp, "link"), short)
+                write_durably(os.path.join(tmp, "link"), short)
                 if parent:
-                    _write_durably(os.path.join(tmp, "lower"), lower)
-                    _write_durably(os.path.join(tmp, "parent"), parent)
+                    write_durably(os.path.join(tmp, "lower"), lower)
+                    write_durably(os.path.join(tmp, "parent"), parent)
                     os.mkdir(os.path.join(tmp, "work"), 0o700)
                 if not read_write:
-                    _write_durably(os.path.join(tmp, "committed"), "")
+                    write_durably(os.path.join(tmp, "committed"), "")
                 os.rename(tmp, layout.dir(layer_id))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             os.symlink(f"../{layer_id}/diff", layout.short_link(short))
-            _fsync_dir(layout.home)
+            fsync_dir(layout.home)
 
     def remove(self, layer_id: str) -> None:
         layer_id = self._id(layer_id)
@@ -311,7 +290,7 @@ class Driver:
         layout = self.layout
         self.thin.forget(layer_id)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(layout.short_link(_read(layout.link_file(layer_id))))
+            os.unlink(layout.short_link(read(layout.link_file(layer_id))))
         # Move aside first: an interrupted removal leaves nothing that looks like a layer.
         doomed = os.path.join(layout.staging, f"{layer_id}.removing.{new_short_id()[:8]}")
         os.rename(layout.dir(layer_id), doomed)
@@ -391,7 +370,7 @@ class Driver:
                     f"{self._parent(layer_id) or '(none)'}, not {parent or '(none)'}"
                 )
             marker = layout.applying_marker(layer_id)
-            _write_durably(marker, "")
+            write_durably(marker, "")
             diff = layout.diff(layer_id)
             try:
                 result = archive.apply_tar(stream, diff)
@@ -411,7 +390,7 @@ class Driver:
             if self.config.sync_layers:
                 mounts.syncfs(diff)
             os.unlink(marker)
-            _fsync_dir(layout.dir(layer_id))
+            fsync_dir(layout.dir(layer_id))
             log.info("layer %s: applied %d entries (%d whiteouts), %d bytes", layer_id,
                      result.entries, result.whiteouts, size)
             return size

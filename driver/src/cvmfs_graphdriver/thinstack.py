@@ -28,21 +28,13 @@ from typing import Callable, ContextManager, Dict, List, Optional, Set
 from . import thin
 from .config import Config
 from .errors import DriverError
+from .files import atomic_write, read
 from .layout import LINK_DIR, Layout, new_short_id
 
 log = logging.getLogger(__name__)
 
 THIN_LINK_LENGTH = 10  # short names keep a 125-layer thin stack under one page of options
 OVL_MAX_STACK = 500  # the kernel's limit on lower layers in one overlay mount
-
-
-def _atomic_write(path: str, content: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
 
 
 class ThinStacks:
@@ -98,7 +90,7 @@ class ThinStacks:
             data = f.read(thin.MAX_DESCRIPTOR_BYTES + 1)
         desc = thin.parse_descriptor(data, self.config.repositories)
         os.makedirs(self._dir(layer_id), mode=0o700, exist_ok=True)
-        _atomic_write(self._descriptor_file(layer_id), desc.to_json())
+        atomic_write(self._descriptor_file(layer_id), desc.to_json())
         log.info("layer %s is thin: %d layers from %s", layer_id, len(desc.layers),
                  ", ".join(desc.repositories))
         return desc
@@ -161,6 +153,7 @@ class ThinStacks:
             masks = self._masks(tid, desc, real)
             has_parent = bool(_read_or_empty(self.layout.parent_file(tid)))
             links = self._load_links(tid)
+            known = dict(links)
             entries: List[str] = []
             n = len(real)
             for k in range(n, -1, -1):
@@ -174,7 +167,8 @@ class ThinStacks:
                         entries.append(self._link(tid, links, f"layer-{k}", real[k - 1]))
                     if "" in masks.get(-k, set()):
                         break  # layer k makes its root opaque: nothing below shows
-            _atomic_write(os.path.join(self._dir(tid), "links.json"), json.dumps(links))
+            if links != known:  # only the first start (or a moved layer) writes
+                atomic_write(os.path.join(self._dir(tid), "links.json"), json.dumps(links))
         return entries
 
     def _load_links(self, tid: str) -> Dict[str, str]:
@@ -235,7 +229,7 @@ class ThinStacks:
             pass
         markers = self._published_index(layer, real_dir) or thin.scan_markers(real_dir)
         os.makedirs(self._marker_cache, mode=0o700, exist_ok=True)
-        _atomic_write(path, markers.to_json())
+        atomic_write(path, markers.to_json())
         log.info("thin layer %s: %d whiteout markers", layer.url, len(markers.markers))
         return markers
 
@@ -292,7 +286,7 @@ class ThinStacks:
             if "" in m.opaque:
                 result[-k] = {""}
         os.rename(building, root)
-        _atomic_write(index, json.dumps({str(k): sorted(v) for k, v in result.items()}))
+        atomic_write(index, json.dumps({str(k): sorted(v) for k, v in result.items()}))
         return result
 
     # ------------------------------------------------------------------ reporting
@@ -318,7 +312,6 @@ def _plain_path(path: object) -> bool:
 
 def _read_or_empty(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
+        return read(path)
     except FileNotFoundError:
         return ""

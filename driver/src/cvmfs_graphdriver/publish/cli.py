@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from typing import Any, List, Optional
 
@@ -155,10 +154,7 @@ def _nested(origin: str, n: int) -> PublishError:
 def _publish_flat(store: Store, image: Any, rel: str, workdir: Optional[str],
                   origin: str = "") -> None:
     t0 = time.monotonic()
-    if isinstance(store, DirStore):
-        tree = store._partial(os.path.join(store.root, rel))
-    else:
-        tree = tempfile.mkdtemp(prefix="cvmfs-thin-flat-", dir=workdir)
+    tree = store.scratch_tree(rel, workdir)
     try:
         with images.saved(image, workdir) as saved:
             for n in range(len(saved.layer_paths)):

@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import time
 from typing import IO, Callable, ContextManager, List, Optional
 
@@ -81,6 +82,10 @@ class Store:
     def publish_layer(self, rel: str, open_tar: Opener, markers: thin.LayerMarkers,
                       origin: str) -> None:
         raise NotImplementedError
+
+    def scratch_tree(self, rel: str, workdir: Optional[str]) -> str:
+        """An empty directory to build the tree that publish_tree(rel, ...) takes."""
+        return tempfile.mkdtemp(prefix="cvmfs-thin-tree-", dir=workdir)
 
     def publish_tree(self, rel: str, tree: str) -> None:
         raise NotImplementedError
@@ -143,6 +148,10 @@ class DirStore(Store):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def scratch_tree(self, rel: str, workdir: Optional[str]) -> str:
+        # In the store itself: the finished tree is renamed into place.
+        return self._partial(self._path(rel))
 
     def publish_tree(self, rel: str, tree: str) -> None:
         final = self._path(rel)
