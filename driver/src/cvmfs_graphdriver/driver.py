@@ -265,13 +265,15 @@ class Driver:
                     write_durably(os.path.join(tmp, "lower"), lower)
                     write_durably(os.path.join(tmp, "parent"), parent)
                     os.mkdir(os.path.join(tmp, "work"), 0o700)
-                if not read_write:
-                    write_durably(os.path.join(tmp, "committed"), "")
                 os.rename(tmp, layout.dir(layer_id))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             os.symlink(f"../{layer_id}/diff", layout.short_link(short))
+            if parent:
+                # As overlay2: a layer with a child is immutable from now on (its next
+                # mount is read-only), whether it was made by Create or CreateReadWrite.
+                write_durably(layout.committed_file(parent), "")
             fsync_dir(layout.home)
 
     def remove(self, layer_id: str) -> None:
@@ -321,7 +323,7 @@ class Driver:
             if mounts.is_mountpoint(merged):
                 count = 1  # mounted by an earlier run; its user still holds it
             else:
-                readonly = os.path.exists(os.path.join(layout.dir(layer_id), "committed"))
+                readonly = os.path.exists(layout.committed_file(layer_id))
                 lower = self.thin.expand(lower)  # checks CVMFS before anything is mounted
                 try:
                     opts = overlay_options(layout, layer_id, lower, readonly=readonly,

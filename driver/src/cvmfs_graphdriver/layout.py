@@ -71,6 +71,11 @@ class Layout:
     def parent_file(self, layer_id: str) -> str:
         return os.path.join(self.dir(layer_id), "parent")
 
+    def committed_file(self, layer_id: str) -> str:
+        """Present once a child was created on the layer: from then on it mounts read-only
+        (overlay2 writes it into the *parent's* directory in Create)."""
+        return os.path.join(self.dir(layer_id), "committed")
+
     def applying_marker(self, layer_id: str) -> str:
         return os.path.join(self.dir(layer_id), ".applying")
 

@@ -154,6 +154,23 @@ def test_committed_layer_view_is_read_only_and_rw_layer_is_writable(drv):
     drv.put(container)
 
 
+def test_layer_becomes_read_only_only_when_a_child_is_created(drv):
+    # overlay2 semantics (and moby's graphtest): a layer made by Create is writable when
+    # mounted until a child is created on it; then its next mount is read-only.
+    base = make_layer(drv, data=TarBuilder().file("f", b"1").bytes())
+    layer = make_layer(drv, base, TarBuilder().file("g", b"2").bytes())
+    view = drv.get(layer)
+    with open(os.path.join(view, "written"), "w") as f:
+        f.write("ok")
+    drv.put(layer)
+    make_layer(drv, layer, rw=True)
+    view = drv.get(layer)
+    with pytest.raises(OSError):
+        open(os.path.join(view, "x"), "w").close()
+    assert sorted(os.listdir(view)) == ["f", "g", "written"]
+    drv.put(layer)
+
+
 def test_deep_stack_of_128_lowers_reads_correctly_and_129_is_refused(new_driver, tmp_path):
     # A long home makes absolute lowerdir options exceed one page: the driver must mount
     # with home-relative short links (from a child process, never chdir in the daemon).
