@@ -1,13 +1,15 @@
-"""Layer tars in and out: safe extraction, overlay whiteout conversion, diffs and changes.
+"""Layer tars in and out: safe extraction, layer tars as moby writes them, changes.
 
 Extraction never follows a symlink and never resolves a name outside the layer
 directory: every entry is reached by walking its parent directories one component at
-a time with O_NOFOLLOW from a file descriptor of the layer root, so `../x`, absolute
-names, symlinked parents and hard links to outside cannot escape (they are refused).
+a time with O_NOFOLLOW from a file descriptor of the layer root (fdtree), so `../x`,
+absolute names, symlinked parents and hard links to outside cannot escape (they are
+refused). Whiteout markers are handed to a converter (whiteouts).
 
-Whiteouts follow overlay2: on the way in `.wh.NAME` becomes a 0:0 character device
-NAME and `.wh..wh..opq` the xattr trusted.overlay.opaque=y on its directory; on the way
-out both are turned back into the marker files.
+Layer tars are written as moby's archive package writes them (tarformat), read through
+directory descriptors as well: `write_layer_tar` is overlay2's native Diff
+(TarWithOptions with the overlay whiteout converter), `export_changes` its naive Diff
+(ExportChanges).
 """
 
 from __future__ import annotations
@@ -17,23 +19,17 @@ import logging
 import os
 import stat
 import tarfile
+import time
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import IO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from . import fdtree, tarformat, whiteouts
 from .errors import DriverError, UnsafeLayerError
 
 log = logging.getLogger(__name__)
 
-WHITEOUT_PREFIX = ".wh."
-WHITEOUT_META_PREFIX = ".wh..wh."
-WHITEOUT_OPAQUE = ".wh..wh..opq"
-OPAQUE_XATTR = "trusted.overlay.opaque"
-CAPABILITY_XATTR = "security.capability"
-PAX_XATTR = "SCHILY.xattr."
-
 CHANGE_MODIFY, CHANGE_ADD, CHANGE_DELETE = 0, 1, 2
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_CHUNK = 1 << 20
 
 
@@ -58,53 +54,6 @@ def split_member_name(name: str, what: str = "entry") -> List[str]:
     return parts
 
 
-def is_whiteout_device(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-# ---------------------------------------------------------------------------- fd helpers
-
-
-def _open_dir_at(dir_fd: int, name: str, shown: str) -> int:
-    try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UnsafeLayerError(
-                f"{shown!r} is a symlink or not a directory; refusing to write through it"
-            ) from None
-        raise
-
-
-def _lstat_at(dir_fd: int, name: str) -> Optional[os.stat_result]:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
-def remove_at(dir_fd: int, name: str) -> None:
-    """Remove `name` (a whole tree if a directory) without following symlinks."""
-    st = _lstat_at(dir_fd, name)
-    if st is None:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
-        return
-    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    try:
-        for child in os.listdir(fd):
-            remove_at(fd, child)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
-
-
-def _proc_path(dir_fd: int, name: str) -> str:
-    # A single name below a pinned directory fd: safe for calls that only take paths.
-    return f"/proc/self/fd/{dir_fd}/{name}"
-
-
 class _DirWalker:
     """Opens parent directories of tar entries below a root fd, creating missing ones."""
 
@@ -118,7 +67,7 @@ class _DirWalker:
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         self.forget()
-        fd = _open_dirs(
+        fd = fdtree.open_dirs(
             self.root_fd, parts, create=create,
             refuse=lambda where: f"tar entry {shown!r}: its parent {where!r} is a symlink or "
             "not a directory; refusing to write through it",
@@ -157,9 +106,9 @@ def _member_times(member: tarfile.TarInfo) -> Tuple[int, int]:
 def _member_xattrs(member: tarfile.TarInfo) -> Dict[str, bytes]:
     out = {}
     for key, value in member.pax_headers.items():
-        if key.startswith(PAX_XATTR):
-            name = key[len(PAX_XATTR) :]
-            if name.startswith("trusted.overlay."):
+        if key.startswith(tarformat.PAX_XATTR):
+            name = key[len(tarformat.PAX_XATTR) :]
+            if whiteouts.is_overlay_xattr(name):
                 # Only the driver sets overlay's own attributes (from whiteout markers).
                 log.warning("tar entry %r: ignoring xattr %s", member.name, name)
                 continue
@@ -173,20 +122,15 @@ class ApplyResult:
     whiteouts: int = 0
 
 
-WHITEOUT_MODES = ("overlay", "keep", "apply")
-
-
-def apply_tar(stream: IO[bytes], root: str, whiteouts: str = "overlay") -> ApplyResult:
+def apply_tar(stream: IO[bytes], root: str,
+              converter: Optional[whiteouts.Converter]) -> ApplyResult:
     """Extract an uncompressed layer tar into the directory `root`.
 
-    whiteouts: "overlay" turns `.wh.` markers into overlayfs whiteouts (a layer dir);
-    "keep" stores them as the plain files they are (a published layer, as DUCC does);
-    "apply" deletes what they name (flattening layers into one tree).
+    `converter` says what whiteout markers become (whiteouts.OverlayUpper for a layer's
+    diff dir, whiteouts.Flatten to flatten layers); without one they are stored as the
+    plain files they are (a published layer, as DUCC stores them).
     """
-    if whiteouts not in WHITEOUT_MODES:
-        raise ValueError(f"whiteouts must be one of {WHITEOUT_MODES}")
-    written: Set[str] = set()  # entries of this tar, for opaque dirs in "apply" mode
-    root_fd = os.open(root, _DIR_FLAGS)
+    root_fd = os.open(root, fdtree.DIR_FLAGS)
     walker = _DirWalker(root_fd)
     result = ApplyResult()
     dir_times: List[Tuple[List[str], Tuple[int, int]]] = []
@@ -201,8 +145,7 @@ def apply_tar(stream: IO[bytes], root: str, whiteouts: str = "overlay") -> Apply
             try:
                 for member in tar:
                     result.entries += 1
-                    _apply_member(tar, member, root_fd, walker, dir_times, result,
-                                  whiteouts, written)
+                    _apply_member(tar, member, root_fd, walker, dir_times, result, converter)
             except tarfile.TarError as e:
                 raise DriverError(f"layer tar is corrupt or truncated: {e}") from None
         walker.forget()
@@ -221,8 +164,7 @@ def _apply_member(
     walker: _DirWalker,
     dir_times: List[Tuple[List[str], Tuple[int, int]]],
     result: ApplyResult,
-    whiteouts: str = "overlay",
-    written: Optional[Set[str]] = None,
+    converter: Optional[whiteouts.Converter],
 ) -> None:
     parts = split_member_name(member.name)
     if not parts:
@@ -235,49 +177,20 @@ def _apply_member(
         return
     shown = "/".join(parts)
     base = parts[-1]
-    parent = parts[:-1]
-
-    if base.startswith(WHITEOUT_PREFIX) and whiteouts == "apply":
-        pfd = walker.open_parent(parent, create=True, shown=shown)
-        if base == WHITEOUT_OPAQUE:
-            prefix = "/".join(parent)
-            for child in os.listdir(pfd):
-                if (f"{prefix}/{child}" if prefix else child) not in (written or ()):
-                    remove_at(pfd, child)
-        elif not base.startswith(WHITEOUT_META_PREFIX):
-            target = base[len(WHITEOUT_PREFIX) :]
-            if target in ("", ".", ".."):
-                raise UnsafeLayerError(f"tar entry {shown!r} is a whiteout of an invalid name")
-            remove_at(pfd, target)
+    pfd = walker.open_parent(parts[:-1], create=True, shown=shown)
+    if whiteouts.apply_marker(converter, pfd, parts, member.uid, member.gid):
         result.whiteouts += 1
         return
-    if base.startswith(WHITEOUT_PREFIX) and whiteouts == "overlay":
-        pfd = walker.open_parent(parent, create=True, shown=shown)
-        if base == WHITEOUT_OPAQUE:
-            os.setxattr(_proc_path_dir(pfd), OPAQUE_XATTR, b"y")
-        elif base.startswith(WHITEOUT_META_PREFIX):
-            log.debug("skipping AUFS metadata entry %r", shown)
-        else:
-            target = base[len(WHITEOUT_PREFIX) :]
-            if target in ("", ".", ".."):
-                raise UnsafeLayerError(f"tar entry {shown!r} is a whiteout of an invalid name")
-            remove_at(pfd, target)
-            os.mknod(target, stat.S_IFCHR | 0o000, 0, dir_fd=pfd)
-            os.chown(target, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
-        result.whiteouts += 1
-        return
-
-    pfd = walker.open_parent(parent, create=True, shown=shown)
-    if written is not None:
-        written.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-    existing = _lstat_at(pfd, base)
+    if isinstance(converter, whiteouts.Flatten):
+        converter.wrote(parts)
+    existing = fdtree.lstat_at(pfd, base)
     if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
-        remove_at(pfd, base)
+        fdtree.remove_at(pfd, base)
 
     if member.isdir():
         if existing is None or not stat.S_ISDIR(existing.st_mode):
             os.mkdir(base, 0o700, dir_fd=pfd)
-        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        fd = os.open(base, fdtree.DIR_FLAGS, dir_fd=pfd)
         try:
             _set_metadata(fd, None, member, is_link=False)
         finally:
@@ -314,13 +227,17 @@ def _apply_member(
             raise UnsafeLayerError(f"tar entry {shown!r} is a hard link to the layer root")
         tshown = "/".join(tparts)
         try:
-            tfd = _open_existing_dir(root_fd, tparts[:-1], shown)
+            tfd = fdtree.open_dirs(
+                root_fd, tparts[:-1], create=False,
+                refuse=lambda where: f"tar entry {shown!r}: hard link target goes through "
+                f"{where!r}, a symlink or non-directory",
+            )
         except FileNotFoundError:
             raise DriverError(
                 f"tar entry {shown!r} is a hard link to {tshown!r}, which is not in this layer"
             ) from None
         try:
-            tst = _lstat_at(tfd, tparts[-1])
+            tst = fdtree.lstat_at(tfd, tparts[-1])
             if tst is None:
                 raise DriverError(
                     f"tar entry {shown!r} is a hard link to {tshown!r}, which is not in this layer"
@@ -332,7 +249,7 @@ def _apply_member(
             os.close(tfd)
         _set_metadata(pfd, base, member, is_link=stat.S_ISLNK(tst.st_mode))
         if not stat.S_ISLNK(tst.st_mode):
-            os.utime(_proc_path(pfd, base), ns=_member_times(member))
+            os.utime(fdtree.proc_path(pfd, base), ns=_member_times(member))
     elif member.ischr() or member.isblk() or member.isfifo():
         kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK if member.isblk() else stat.S_IFIFO
         dev = os.makedev(member.devmajor, member.devminor) if kind != stat.S_IFIFO else 0
@@ -346,46 +263,6 @@ def _apply_member(
         )
 
 
-def _open_dirs(root_fd: int, parts: Sequence[str], *, create: bool,
-               refuse: Callable[[str], str]) -> int:
-    """Open the directory `parts` below `root_fd` one component at a time, never following
-    a symlink. Missing directories are made (0755, whatever the umask) when `create`;
-    `refuse(where)` words the error for a component that is a symlink or not a directory.
-    """
-    fd = os.dup(root_fd)
-    try:
-        for i, part in enumerate(parts):
-            where = "/".join(parts[: i + 1])
-            try:
-                nfd = _open_dir_at(fd, part, where)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                os.mkdir(part, 0o755, dir_fd=fd)
-                nfd = _open_dir_at(fd, part, where)
-                os.chmod(nfd, 0o755)  # as moby's untar makes missing parents, any umask
-            except UnsafeLayerError:
-                raise UnsafeLayerError(refuse(where)) from None
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _open_existing_dir(root_fd: int, parts: Sequence[str], shown: str) -> int:
-    return _open_dirs(
-        root_fd, parts, create=False,
-        refuse=lambda where: f"tar entry {shown!r}: hard link target goes through {where!r}, "
-        "a symlink or non-directory",
-    )
-
-
-def _proc_path_dir(dir_fd: int) -> str:
-    return f"/proc/self/fd/{dir_fd}"
-
-
 def _set_metadata(fd: int, name: Optional[str], member: tarfile.TarInfo, *, is_link: bool) -> None:
     """Owner, xattrs, then mode (chown clears setuid bits, so mode comes last).
 
@@ -393,10 +270,9 @@ def _set_metadata(fd: int, name: Optional[str], member: tarfile.TarInfo, *, is_l
     """
     if name is None:
         os.chown(fd, member.uid, member.gid)
-        path = _proc_path_dir(fd)
     else:
         os.chown(name, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
-        path = _proc_path(fd, name)
+    path = fdtree.proc_path(fd, name)
     for key, value in _member_xattrs(member).items():
         try:
             if name is None:
@@ -418,7 +294,7 @@ def _set_metadata(fd: int, name: Optional[str], member: tarfile.TarInfo, *, is_l
 
 def _set_dir_times(root_fd: int, parts: List[str], times: Tuple[int, int]) -> None:
     try:
-        fd = _open_existing_dir(root_fd, parts, "/".join(parts))
+        fd = fdtree.open_dirs(root_fd, parts, create=False, refuse=lambda where: where)
     except (OSError, UnsafeLayerError):
         return  # replaced by a later entry
     try:
@@ -432,24 +308,29 @@ def _set_dir_times(root_fd: int, parts: List[str], times: Tuple[int, int]) -> No
 
 def walk(root: str) -> Iterator[Tuple[str, os.stat_result]]:
     """Yield ("/rel/path", lstat) depth-first in byte order of names, like Go's Walk."""
-
-    def rec(dir_path: str, rel: str) -> Iterator[Tuple[str, os.stat_result]]:
+    stack: List[Tuple[str, Iterator[str]]] = [("", iter(_sorted_names(root)))]
+    while stack:
+        rel, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        r = f"{rel}/{name}"
         try:
-            names = sorted(os.listdir(dir_path), key=os.fsencode)
+            st = os.lstat(root + r)
         except FileNotFoundError:
-            return
-        for name in names:
-            full = os.path.join(dir_path, name)
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                continue
-            r = f"{rel}/{name}"
-            yield r, st
-            if stat.S_ISDIR(st.st_mode):
-                yield from rec(full, r)
+            continue
+        yield r, st
+        if stat.S_ISDIR(st.st_mode):
+            stack.append((r, iter(_sorted_names(root + r))))
 
-    yield from rec(root, "")
+
+def _sorted_names(directory: Union[str, int]) -> List[str]:
+    """Names in a directory (a path or an fd) in byte order, as Go's Walk visits them."""
+    try:
+        return sorted(os.listdir(directory), key=os.fsencode)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def directory_size(root: str) -> int:
@@ -473,121 +354,132 @@ def _getxattr(path: str, name: str) -> Optional[bytes]:
         raise
 
 
-def is_opaque(path: str) -> bool:
-    return _getxattr(path, OPAQUE_XATTR) == b"y"
-
-
 # ---------------------------------------------------------------------------- tar out
 
 
-class TarWriter:
-    """Writes tar entries the way moby's archiver does (PAX, whole-second mtimes)."""
+class _Appender:
+    """moby's tarAppender: entries from directory fds, hard links by inode (moby keys
+    them by inode number alone), and the overlay whiteout converter when asked."""
 
-    def __init__(self, out: IO[bytes]) -> None:
-        self._tar = tarfile.open(  # noqa: SIM115 (closed by close())
-            fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, errors="surrogateescape"
-        )
-        self._inodes: Dict[Tuple[int, int], str] = {}
+    def __init__(self, out: IO[bytes], overlay: bool) -> None:
+        self.stream = tarformat.TarStream(out, _COPY_CHUNK)
+        self.overlay = overlay
+        self.seen: Dict[int, bytes] = {}
 
-    def add(self, full: str, name: str, st: os.stat_result) -> None:
-        ti = tarfile.TarInfo(name)
-        ti.mode = stat.S_IMODE(st.st_mode)
-        ti.uid, ti.gid = st.st_uid, st.st_gid
-        ti.uname = ti.gname = ""
-        ti.mtime = int(st.st_mtime)
-        cap = None if stat.S_ISLNK(st.st_mode) else _getxattr(full, CAPABILITY_XATTR)
-        if cap is not None:
-            ti.pax_headers = {PAX_XATTR + CAPABILITY_XATTR: cap.decode("utf-8", "surrogateescape")}
-        mode = st.st_mode
-        if stat.S_ISREG(mode) and st.st_nlink > 1:
-            key = (st.st_dev, st.st_ino)
-            first = self._inodes.get(key)
+    def add(self, dir_fd: int, name: str, rel: bytes, descend: bool) -> Optional[int]:
+        """Write the entry `name` of `dir_fd` as `rel`; for a directory to descend into,
+        return its fd (the caller closes it)."""
+        st = fdtree.lstat_at(dir_fd, name)
+        if st is None:
+            return None  # gone meanwhile (a running container): moby skips it too
+        is_dir = stat.S_ISDIR(st.st_mode)
+        link = os.fsencode(os.readlink(name, dir_fd=dir_fd)) if stat.S_ISLNK(st.st_mode) else b""
+        cap = _getxattr(fdtree.proc_path(dir_fd, name), tarformat.CAPABILITY_XATTR)
+        h = tarformat.file_header(rel, st, link, cap)
+        if h is None:
+            log.debug("skipping %s: sockets cannot be stored in a tar", os.fsdecode(rel))
+            return None
+        if not is_dir and st.st_nlink > 1:
+            first = self.seen.get(st.st_ino)
             if first is not None:
-                ti.type = tarfile.LNKTYPE
-                ti.linkname = first
-                self._tar.addfile(ti)
-                return
-            self._inodes[key] = name
-        if stat.S_ISDIR(mode):
-            ti.type = tarfile.DIRTYPE
-            self._tar.addfile(ti)
-        elif stat.S_ISREG(mode):
-            ti.type = tarfile.REGTYPE
-            ti.size = st.st_size
-            with open(full, "rb") as f:
-                self._tar.addfile(ti, f)
-        elif stat.S_ISLNK(mode):
-            ti.type = tarfile.SYMTYPE
-            ti.linkname = os.readlink(full)
-            self._tar.addfile(ti)
-        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            ti.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
-            ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-            self._tar.addfile(ti)
-        elif stat.S_ISFIFO(mode):
-            ti.type = tarfile.FIFOTYPE
-            self._tar.addfile(ti)
-        else:
-            log.debug("skipping %s: sockets cannot be stored in a tar", full)
+                h.typeflag, h.linkname, h.size = tarformat.LINK, first, 0
+            else:
+                self.seen[st.st_ino] = rel
+        child_fd = None
+        if is_dir and (descend or self.overlay):
+            child_fd = os.open(name, fdtree.DIR_FLAGS, dir_fd=dir_fd)
+        try:
+            extra = None
+            if self.overlay:
+                opaque = child_fd is not None and whiteouts.is_opaque(child_fd)
+                h, extra = whiteouts.overlay_to_tar(h, st, opaque)
+            if h.typeflag == tarformat.REG and h.size:
+                self._add_file(dir_fd, name, st, h)
+            else:
+                self.stream.add(h)
+            if extra is not None:
+                self.stream.add(extra)
+        except BaseException:
+            if child_fd is not None:
+                os.close(child_fd)
+            raise
+        if child_fd is not None and not descend:
+            os.close(child_fd)
+            child_fd = None
+        return child_fd
 
-    def add_marker(self, name: str, st: Optional[os.stat_result], mode: int = 0o600) -> None:
-        """An empty regular file (a whiteout or opaque marker)."""
-        ti = tarfile.TarInfo(name)
-        ti.type = tarfile.REGTYPE
-        ti.mode = mode
-        if st is not None:
-            ti.uid, ti.gid = st.st_uid, st.st_gid
-            ti.mtime = int(st.st_mtime)
-        else:
-            ti.mtime = 0
-        ti.uname = ti.gname = ""
-        self._tar.addfile(ti)
+    def _add_file(self, dir_fd: int, name: str, st: os.stat_result,
+                  h: tarformat.Header) -> None:
+        fd = os.open(name, fdtree.FILE_FLAGS, dir_fd=dir_fd)
+        try:
+            now = os.fstat(fd)
+            if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev) or not stat.S_ISREG(
+                    now.st_mode):
+                raise DriverError(f"{os.fsdecode(h.name)} was replaced while being archived")
+            self.stream.add(h, fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        # End with two zero blocks and nothing more, as Go's archive/tar does. tarfile would
-        # pad to a 10 KiB record, and dockerd hashes the whole stream: an unchanged container
-        # would then commit as a non-empty layer instead of Docker's empty layer.
-        tar: Any = self._tar  # tarfile internals, stable since Python 3.2 (tested)
-        if tar.closed:
-            return
-        tar.closed = True
-        tar.fileobj.write(tarfile.NUL * (tarfile.BLOCKSIZE * 2))
-        tar.offset += tarfile.BLOCKSIZE * 2
-        tar.fileobj.close()  # flushes the stream buffer; the caller's `out` stays open
+        self.stream.close()
 
 
-def write_native_diff(out: IO[bytes], diff_dir: str) -> None:
-    """Tar of an overlay upper/diff dir with whiteouts turned back into marker files."""
-    tw = TarWriter(out)
-    for rel, st in walk(diff_dir):
-        full = diff_dir + rel
-        name = rel[1:]
-        if is_whiteout_device(st):
-            head, _, base = name.rpartition("/")
-            tw.add_marker(f"{head}/{WHITEOUT_PREFIX}{base}" if head else WHITEOUT_PREFIX + base, st)
-            continue
-        tw.add(full, name, st)
-        if stat.S_ISDIR(st.st_mode) and is_opaque(full):
-            tw.add_marker(f"{name}/{WHITEOUT_OPAQUE}", st, mode=stat.S_IMODE(st.st_mode) & 0o777)
-    tw.close()
+def write_layer_tar(out: IO[bytes], root: str) -> None:
+    """The tar of a layer's diff dir, whiteouts turned back into markers: overlay2's
+    native Diff, moby's TarWithOptions(root, OverlayWhiteoutFormat), byte for byte."""
+    app = _Appender(out, overlay=True)
+    root_fd = os.open(root, fdtree.DIR_FLAGS)
+    stack: List[Tuple[int, bytes, Iterator[str]]] = [(root_fd, b"", iter(_sorted_names(root_fd)))]
+    try:
+        while stack:
+            fd, prefix, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(fd)
+                stack.pop()
+                continue
+            rel = prefix + os.fsencode(name)
+            child = app.add(fd, name, rel, descend=True)
+            if child is not None:
+                stack.append((child, rel + b"/", iter(_sorted_names(child))))
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+    app.close()
+
+
+def _changed_under_us(where: str) -> str:
+    return (f"{where!r} became a symlink or non-directory while the layer was being "
+            "archived (a running container changed it); try again")
 
 
 def export_changes(out: IO[bytes], root: str, changes: List[Change]) -> None:
-    """Tar of the given changes, files read from `root` (moby's ExportChanges)."""
-    tw = TarWriter(out)
-    for change in sorted(changes, key=lambda c: os.fsencode(c.path)):
-        if change.kind == CHANGE_DELETE:
-            head, _, base = change.path[1:].rpartition("/")
-            tw.add_marker(f"{head}/{WHITEOUT_PREFIX}{base}" if head else WHITEOUT_PREFIX + base,
-                          None)
-            continue
-        full = root + change.path
-        try:
-            st = os.lstat(full)
-        except FileNotFoundError:
-            continue  # the container changed under us; moby skips it too
-        tw.add(full, change.path[1:], st)
-    tw.close()
+    """The tar of the given changes, files read from `root`: moby's ExportChanges
+    (overlay2's naive Diff). Deletions are markers stamped with the current time, as
+    moby stamps them, so such a tar is never reproducible (nor is moby's)."""
+    app = _Appender(out, overlay=False)
+    root_fd = os.open(root, fdtree.DIR_FLAGS)
+    try:
+        for change in sorted(changes, key=lambda c: os.fsencode(c.path)):
+            if change.kind == CHANGE_DELETE:
+                now = (time.time_ns() + 500_000_000) // 1_000_000_000  # Round(time.Second)
+                app.stream.add(whiteouts.deletion_header(change.path, now))
+                continue
+            parts = change.path.strip("/").split("/")
+            try:
+                pfd = fdtree.open_dirs(root_fd, parts[:-1], create=False,
+                                       refuse=_changed_under_us)
+            except FileNotFoundError:
+                continue  # the container changed under us; moby skips it too
+            except UnsafeLayerError as e:
+                raise DriverError(str(e)) from None
+            try:
+                app.add(pfd, parts[-1], os.fsencode(change.path[1:]), descend=False)
+            finally:
+                os.close(pfd)
+    finally:
+        os.close(root_fd)
+    app.close()
 
 
 # ---------------------------------------------------------------------------- changes
@@ -665,7 +557,7 @@ def _lstat_path(p: str) -> Optional[os.stat_result]:
 def _cap(p: str, st: Optional[os.stat_result]) -> Optional[bytes]:
     if st is None or stat.S_ISLNK(st.st_mode):
         return None
-    return _getxattr(p, CAPABILITY_XATTR)
+    return _getxattr(p, tarformat.CAPABILITY_XATTR)
 
 
 def _stat_different(o: os.stat_result, n: os.stat_result) -> bool:
@@ -732,5 +624,3 @@ def changes_size(root: str, changes: Sequence[Change]) -> int:
         total += st.st_size
     return total
 
-
-WriteFn = Callable[[bytes], object]

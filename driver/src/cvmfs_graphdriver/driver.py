@@ -1,4 +1,8 @@
-"""Storage operations of the graph driver (overlay2 semantics), one method per protocol call."""
+"""Storage operations of the graph driver (overlay2 semantics), one method per protocol call.
+
+Layer ids arrive validated (server.Request checks them where they enter); the on-disk
+names come from layout.Layout.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,27 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import threading
 from collections import defaultdict
-from typing import IO, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple
 
-from . import __version__, archive, mounts
+from . import __version__, archive, fdtree, mounts, whiteouts
 from .config import Config
 from .errors import DriverError, NotFoundError
 from .files import atomic_write, fsync_dir, read, write_durably
-from .layout import Layout, lower_chain, new_short_id, overlay_options, validate_id
+from .layout import (
+    LayerId,
+    Layout,
+    is_layer_name,
+    link_target,
+    lower_chain,
+    new_short_id,
+    overlay_options,
+)
 from .thin import DescriptorError
 from .thinstack import ThinStacks
+
+DiffWriter = Callable[[IO[bytes]], None]
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +68,6 @@ class Driver:
         with lock:
             yield
 
-    def _id(self, layer_id: str, what: str = "layer id") -> str:
-        try:
-            return validate_id(layer_id, what)
-        except ValueError as e:
-            raise DriverError(str(e)) from None
-
     def _complete(self, layer_id: str) -> bool:
         d = self.layout.dir(layer_id)
         return os.path.isdir(d) and not os.path.exists(self.layout.applying_marker(layer_id))
@@ -86,12 +93,18 @@ class Driver:
         except FileNotFoundError:
             return ""
 
-    def _lower_dirs(self, layer_id: str) -> List[str]:
-        """Absolute lower dirs of the layer, uppermost first, thin layers expanded."""
-        out = []
-        for entry in filter(None, self.thin.expand(self._lower(layer_id)).split(":")):
+    def _planned_lower_dirs(self, layer_id: str) -> List[str]:
+        """Absolute lower dirs of the layer, uppermost first, thin layers as planned
+        (for reporting: nothing is resolved in CVMFS, built or written)."""
+        out: List[str] = []
+        for entry in filter(None, self._lower(layer_id).split(":")):
+            tid = self.thin.layer_of_entry(entry)
+            if tid is not None and self.thin.is_thin(tid):
+                out.extend(self.thin.planned_dirs(tid))
+                continue
             link = os.path.join(self.layout.home, entry)
-            out.append(os.path.normpath(os.path.join(self.layout.links, os.readlink(link))))
+            with contextlib.suppress(OSError):
+                out.append(os.path.normpath(os.path.join(self.layout.links, os.readlink(link))))
         return out
 
     @property
@@ -189,18 +202,15 @@ class Driver:
         staging = layout.staging
         for point in mounts.mounts_under(staging, entries):
             mounts.unmount(point)
-        shutil.rmtree(staging, ignore_errors=True)
+        if os.path.isdir(staging):
+            fdtree.remove_tree(staging)
         os.makedirs(staging, mode=0o700, exist_ok=True)
 
         mounted = set(mounts.mounts_under(layout.home, entries))
         for name in sorted(os.listdir(layout.home)):
-            d = os.path.join(layout.home, name)
-            if name in ("l", ".staging") or not os.path.isdir(d):
+            if not is_layer_name(name) or not os.path.isdir(os.path.join(layout.home, name)):
                 continue
-            try:
-                validate_id(name)
-            except ValueError:
-                continue
+            name = LayerId(name)
             merged = layout.merged(name)
             if os.path.exists(layout.applying_marker(name)):
                 log.warning("layer %s: ApplyDiff was interrupted; removing the partial layer", name)
@@ -214,7 +224,7 @@ class Driver:
                 short = ""
             if short and not os.path.islink(layout.short_link(short)):
                 log.warning("layer %s: recreating missing link l/%s", name, short)
-                os.symlink(f"../{name}/diff", layout.short_link(short))
+                os.symlink(link_target(name), layout.short_link(short))
             if merged in mounted:
                 self._refs[name] = 1  # a container still uses it; its Put will release it
         for short in os.listdir(layout.links):
@@ -231,9 +241,8 @@ class Driver:
 
     # ------------------------------------------------------------------ layers
 
-    def create(self, layer_id: str, parent: str, mount_label: str,
+    def create(self, layer_id: LayerId, parent: Optional[LayerId], mount_label: str,
                storage_opt: Optional[Dict[str, str]], *, read_write: bool) -> None:
-        layer_id = self._id(layer_id)
         if storage_opt:
             raise DriverError(
                 f"layer {layer_id}: storage options {sorted(storage_opt)} are not supported by "
@@ -245,7 +254,6 @@ class Driver:
                 raise DriverError(f"layer {layer_id} already exists in {layout.home}")
             parent_link, parent_lower = None, ""
             if parent:
-                parent = self._id(parent, "parent id")
                 self._require(parent)
                 parent_link = read(layout.link_file(parent))
                 parent_lower = self._lower(parent)
@@ -254,7 +262,7 @@ class Driver:
             except ValueError as e:
                 raise DriverError(f"cannot create layer {layer_id}: {e}") from None
 
-            tmp = os.path.join(layout.staging, f"{layer_id}.{new_short_id()[:8]}")
+            tmp = layout.staging_dir(layer_id)
             os.mkdir(tmp, 0o700)
             try:
                 os.mkdir(os.path.join(tmp, "diff"), 0o755)
@@ -267,17 +275,16 @@ class Driver:
                     os.mkdir(os.path.join(tmp, "work"), 0o700)
                 os.rename(tmp, layout.dir(layer_id))
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                fdtree.remove_tree(tmp)
                 raise
-            os.symlink(f"../{layer_id}/diff", layout.short_link(short))
+            os.symlink(link_target(layer_id), layout.short_link(short))
             if parent:
                 # As overlay2: a layer with a child is immutable from now on (its next
                 # mount is read-only), whether it was made by Create or CreateReadWrite.
                 write_durably(layout.committed_file(parent), "")
             fsync_dir(layout.home)
 
-    def remove(self, layer_id: str) -> None:
-        layer_id = self._id(layer_id)
+    def remove(self, layer_id: LayerId) -> None:
         with self._locked(layer_id):
             if not os.path.lexists(self.layout.dir(layer_id)):
                 return
@@ -288,24 +295,20 @@ class Driver:
                 self._refs.pop(layer_id, None)
             self._remove_layer_dir(layer_id)
 
-    def _remove_layer_dir(self, layer_id: str) -> None:
+    def _remove_layer_dir(self, layer_id: LayerId) -> None:
         layout = self.layout
         self.thin.forget(layer_id)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(layout.short_link(read(layout.link_file(layer_id))))
         # Move aside first: an interrupted removal leaves nothing that looks like a layer.
-        doomed = os.path.join(layout.staging, f"{layer_id}.removing.{new_short_id()[:8]}")
+        doomed = layout.staging_dir(layer_id, "removing")
         os.rename(layout.dir(layer_id), doomed)
-        shutil.rmtree(doomed)
+        fdtree.remove_tree(doomed)
 
-    def exists(self, layer_id: str) -> bool:
-        try:
-            return self._complete(self._id(layer_id))
-        except DriverError:
-            return False
+    def exists(self, layer_id: LayerId) -> bool:
+        return self._complete(layer_id)
 
-    def get(self, layer_id: str, mount_label: str = "") -> str:
-        layer_id = self._id(layer_id)
+    def get(self, layer_id: LayerId, mount_label: str = "") -> str:
         layout = self.layout
         with self._locked(layer_id):
             self._require(layer_id)
@@ -339,8 +342,7 @@ class Driver:
                 self._refs[layer_id] = count + 1
             return merged
 
-    def put(self, layer_id: str) -> None:
-        layer_id = self._id(layer_id)
+    def put(self, layer_id: LayerId) -> None:
         with self._locked(layer_id):
             if not self._lower(layer_id):
                 return
@@ -360,8 +362,8 @@ class Driver:
 
     # ------------------------------------------------------------------ contents
 
-    def apply_diff(self, layer_id: str, parent: str, stream: IO[bytes]) -> int:
-        layer_id = self._id(layer_id)
+    def apply_diff(self, layer_id: LayerId, parent: Optional[LayerId],
+                   stream: IO[bytes]) -> int:
         layout = self.layout
         with self._locked(layer_id):
             if not os.path.isdir(layout.dir(layer_id)):
@@ -375,7 +377,7 @@ class Driver:
             write_durably(marker, "")
             diff = layout.diff(layer_id)
             try:
-                result = archive.apply_tar(stream, diff)
+                result = archive.apply_tar(stream, diff, whiteouts.OverlayUpper())
             except DriverError as e:
                 raise DriverError(f"layer {layer_id}: {e}") from None
             except OSError as e:
@@ -397,11 +399,12 @@ class Driver:
                      result.entries, result.whiteouts, size)
             return size
 
-    def _use_native(self, layer_id: str, parent: str) -> bool:
+    def _use_native(self, layer_id: LayerId, parent: Optional[LayerId]) -> bool:
         return self.native_diff and (parent or "") == self._parent(layer_id)
 
     @contextlib.contextmanager
-    def _views(self, layer_id: str, parent: str) -> Iterator[Tuple[str, Optional[str]]]:
+    def _views(self, layer_id: LayerId,
+               parent: Optional[LayerId]) -> Iterator[Tuple[str, Optional[str]]]:
         """Mounted views of a layer and (optionally) another layer, released afterwards."""
         view = self.get(layer_id)
         try:
@@ -416,21 +419,26 @@ class Driver:
         finally:
             self.put(layer_id)
 
-    def diff(self, layer_id: str, parent: str, out: IO[bytes]) -> None:
-        layer_id = self._id(layer_id)
-        if parent:
-            parent = self._id(parent, "parent id")
+    def open_diff(self, layer_id: LayerId, parent: Optional[LayerId]) -> DiffWriter:
+        """Check the layers exist, then return what writes the layer tar (so a missing
+        layer is an error answer, not a broken stream)."""
         self._require(layer_id)
-        if self._use_native(layer_id, parent):
-            archive.write_native_diff(out, self.layout.diff(layer_id))
-            return
-        with self._views(layer_id, parent) as (view, pview):
-            archive.export_changes(out, view, archive.changes_dirs(view, pview))
-
-    def changes(self, layer_id: str, parent: str) -> List[archive.Change]:
-        layer_id = self._id(layer_id)
         if parent:
-            parent = self._id(parent, "parent id")
+            self._require(parent)
+
+        def write(out: IO[bytes]) -> None:
+            if self._use_native(layer_id, parent):
+                archive.write_layer_tar(out, self.layout.diff(layer_id))
+                return
+            with self._views(layer_id, parent) as (view, pview):
+                archive.export_changes(out, view, archive.changes_dirs(view, pview))
+
+        return write
+
+    def diff(self, layer_id: LayerId, parent: Optional[LayerId], out: IO[bytes]) -> None:
+        self.open_diff(layer_id, parent)(out)
+
+    def changes(self, layer_id: LayerId, parent: Optional[LayerId]) -> List[archive.Change]:
         self._require(layer_id)
         # Always compare the mounted trees, as overlay2 has done since moby PR #37313
         # (Docker 18.06): reading the upper dir reports an opaque dir as deleted and misses
@@ -438,10 +446,7 @@ class Driver:
         with self._views(layer_id, parent) as (view, pview):
             return archive.changes_dirs(view, pview)
 
-    def diff_size(self, layer_id: str, parent: str) -> int:
-        layer_id = self._id(layer_id)
-        if parent:
-            parent = self._id(parent, "parent id")
+    def diff_size(self, layer_id: LayerId, parent: Optional[LayerId]) -> int:
         self._require(layer_id)
         if self._use_native(layer_id, parent):
             return archive.directory_size(self.layout.diff(layer_id))
@@ -450,16 +455,9 @@ class Driver:
 
     # ------------------------------------------------------------------ reporting
 
-    def _layer_ids(self) -> List[str]:
-        out = []
-        for name in os.listdir(self.layout.home):
-            try:
-                validate_id(name)
-            except ValueError:
-                continue
-            if name != "l" and self._complete(name):
-                out.append(name)
-        return out
+    def _layer_ids(self) -> List[LayerId]:
+        return [LayerId(name) for name in os.listdir(self.layout.home)
+                if is_layer_name(name) and self._complete(LayerId(name))]
 
     def status(self) -> List[List[str]]:
         if self._layout is None:
@@ -475,8 +473,8 @@ class Driver:
             for repo in desc.repositories if desc else ():
                 thin_layers[repo] = thin_layers.get(repo, 0) + 1
         in_use: Dict[str, int] = {}
-        for layer in mounted:
-            for repo in self.thin.repositories_below(self._lower(layer)):
+        for user in mounted:
+            for repo in self.thin.repositories_below(self._lower(user)):
                 in_use[repo] = in_use.get(repo, 0) + 1
         rows = [
             ["Backing Filesystem", self.backing_fs],
@@ -496,8 +494,8 @@ class Driver:
                          f"{in_use.get(repo, 0)} mounted layers on them"])
         return rows
 
-    def metadata(self, layer_id: str) -> Dict[str, str]:
-        layer_id = self._id(layer_id)
+    def metadata(self, layer_id: LayerId) -> Dict[str, str]:
+        """What `docker inspect` shows under GraphDriver.Data; reads the home only."""
         self._require(layer_id)
         layout = self.layout
         meta = {
@@ -505,11 +503,7 @@ class Driver:
             "WorkDir": layout.work(layer_id),
             "MergedDir": layout.merged(layer_id),
         }
-        try:
-            lowers = self._lower_dirs(layer_id)
-        except DriverError as e:  # CVMFS unreachable: say so, do not fail `docker inspect`
-            meta["LowerDirError"] = str(e)
-            lowers = []
+        lowers = self._planned_lower_dirs(layer_id)
         if lowers:
             meta["LowerDir"] = ":".join(lowers)
         own = self.thin.descriptor(layer_id)

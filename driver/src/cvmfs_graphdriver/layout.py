@@ -7,8 +7,16 @@
     <home>/<id>/parent        the parent layer id (empty for a base layer)
     <home>/<id>/work/         overlay work dir (read-write layers only)
     <home>/<id>/merged/       mount point of the union view
+    <home>/<id>/committed     present once a child exists: the layer mounts read-only
     <home>/<id>/.applying     present while ApplyDiff runs: the layer is not complete
-    <home>/.staging/          layers being created (renamed into place when complete)
+    <home>/<id>/thin/         a thin layer's bookkeeping:
+        descriptor.json       the validated descriptor (written by ApplyDiff)
+        links.json            {"layer-K" | "mask-K": short link name in l/}
+        masks/mask-K/         whiteout masks between CVMFS layers (built on first use)
+        masks.json            which masks exist (written last: a crash rebuilds them)
+    <home>/.staging/          layers being created or removed (renamed in or out)
+    <home>/.thin-cache/markers/<sha256>.json
+                              the whiteout markers of one CVMFS layer (found once)
 
 Everything here is pure: no system calls beyond reading and naming paths.
 """
@@ -20,26 +28,43 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Optional
+from typing import NewType, Optional
 
 LINK_DIR = "l"
 STAGING_DIR = ".staging"
+MARKER_CACHE_DIR = ".thin-cache/markers"
 SHORT_ID_LENGTH = 26  # as overlay2: base32 of 16 random bytes, without padding
 MAX_DEPTH = 128  # lower layers overlayfs accepts in one mount (and overlay2's limit)
 PAGE_SIZE = 4096  # mount(2) copies at most one page of options
 
 # Docker hands out 64-hex cache ids and "<hex>-init"; accept a conservative superset so a
 # request can never name a path outside the home ("..", "/", NUL, hidden names).
+# A layer id checked by validate_id (where it entered: a request, the home's listing).
+LayerId = NewType("LayerId", str)
+
+# Names the home holds besides layers: never a layer id.
+RESERVED = frozenset({LINK_DIR})
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-def validate_id(layer_id: str, what: str = "layer id") -> str:
-    if not isinstance(layer_id, str) or not _ID_RE.fullmatch(layer_id) or ".." in layer_id:
+def validate_id(layer_id: object, what: str = "layer id") -> LayerId:
+    """A layer id that names a directory of its own in the home, or ValueError."""
+    if (not isinstance(layer_id, str) or not _ID_RE.fullmatch(layer_id) or ".." in layer_id
+            or layer_id in RESERVED):
         raise ValueError(
             f"invalid {what} {layer_id!r}: expected letters, digits, '_', '-', '.' "
             "(dockerd sends 64-hex ids)"
         )
-    return layer_id
+    return LayerId(layer_id)
+
+
+def is_layer_name(name: str) -> bool:
+    """Whether an entry of the home can be a layer directory."""
+    try:
+        validate_id(name)
+    except ValueError:
+        return False
+    return True
 
 
 def new_short_id() -> str:
@@ -51,7 +76,8 @@ class Layout:
     home: str
 
     def dir(self, layer_id: str) -> str:
-        return os.path.join(self.home, validate_id(layer_id))
+        # Ids are validated once, where they enter (the protocol, the home's listing).
+        return os.path.join(self.home, layer_id)
 
     def diff(self, layer_id: str) -> str:
         return os.path.join(self.dir(layer_id), "diff")
@@ -79,6 +105,31 @@ class Layout:
     def applying_marker(self, layer_id: str) -> str:
         return os.path.join(self.dir(layer_id), ".applying")
 
+    # a thin layer's bookkeeping
+
+    def thin_dir(self, layer_id: str) -> str:
+        return os.path.join(self.dir(layer_id), "thin")
+
+    def thin_descriptor(self, layer_id: str) -> str:
+        return os.path.join(self.thin_dir(layer_id), "descriptor.json")
+
+    def thin_links(self, layer_id: str) -> str:
+        return os.path.join(self.thin_dir(layer_id), "links.json")
+
+    def thin_masks(self, layer_id: str) -> str:
+        return os.path.join(self.thin_dir(layer_id), "masks")
+
+    def thin_mask(self, layer_id: str, k: int) -> str:
+        return os.path.join(self.thin_masks(layer_id), mask_name(k))
+
+    def thin_masks_index(self, layer_id: str) -> str:
+        return os.path.join(self.thin_dir(layer_id), "masks.json")
+
+    def marker_cache(self, key: str) -> str:
+        return os.path.join(self.home, MARKER_CACHE_DIR, f"{key}.json")
+
+    # links and staging
+
     @property
     def links(self) -> str:
         return os.path.join(self.home, LINK_DIR)
@@ -89,6 +140,33 @@ class Layout:
 
     def short_link(self, short: str) -> str:
         return os.path.join(self.links, short)
+
+    def lower_entry(self, short: str) -> str:
+        """How a `lower` file names a short link."""
+        return f"{LINK_DIR}/{short}"
+
+    def staging_dir(self, layer_id: str, purpose: str = "") -> str:
+        """A fresh name in the staging area for a layer being built (or removed)."""
+        tag = f".{purpose}" if purpose else ""
+        return os.path.join(self.staging, f"{layer_id}{tag}.{new_short_id()[:8]}")
+
+
+def mask_name(k: int) -> str:
+    """The name of mask k of a thin stack (in links.json and under thin/masks/)."""
+    return f"mask-{k}"
+
+
+def link_target(layer_id: str) -> str:
+    """What l/<short> of a layer points to (relative, so the home can move)."""
+    return f"../{layer_id}/diff"
+
+
+def layer_of_link_target(target: str) -> Optional[str]:
+    """The layer id a link target names (None for a link into CVMFS or to a mask)."""
+    parts = target.split("/")
+    if len(parts) == 3 and parts[0] == ".." and parts[2] == "diff" and is_layer_name(parts[1]):
+        return parts[1]
+    return None
 
 
 def lower_chain(parent_link: Optional[str], parent_lower: str) -> str:

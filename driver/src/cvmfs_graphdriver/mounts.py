@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import List, Optional
 
+from . import whiteouts
 from .errors import DriverError
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def supports_native_diff(home: str) -> bool:
     with tempfile.TemporaryDirectory(prefix="native-diff-check-", dir=home) as td:
         for d in ("l1/d", "l1/d1", "l2/d", "l3", "work", "merged"):
             os.makedirs(os.path.join(td, d))
-        os.setxattr(os.path.join(td, "l2", "d"), "trusted.overlay.opaque", b"y")
+        whiteouts.set_opaque(os.path.join(td, "l2", "d"))
         opts = f"lowerdir={td}/l2:{td}/l1,upperdir={td}/l3,workdir={td}/work"
         merged = os.path.join(td, "merged")
         try:
@@ -232,12 +233,9 @@ def supports_native_diff(home: str) -> bool:
         try:
             with open(os.path.join(merged, "d", "f"), "w"):
                 pass
-            try:
-                if os.getxattr(os.path.join(td, "l3", "d"), "trusted.overlay.opaque") == b"y":
-                    log.info("native diff off: opaque flag copied up (kernel older than 4.8)")
-                    return False
-            except OSError:
-                pass
+            if whiteouts.is_opaque(os.path.join(td, "l3", "d")):
+                log.info("native diff off: opaque flag copied up (kernel older than 4.8)")
+                return False
             try:
                 os.rename(os.path.join(merged, "d1"), os.path.join(merged, "d2"))
             except OSError as e:
@@ -245,7 +243,7 @@ def supports_native_diff(home: str) -> bool:
                     return True  # no redirect_dir: renames of lower dirs are refused
                 raise
             try:
-                if os.getxattr(os.path.join(td, "l3", "d2"), "trusted.overlay.redirect"):
+                if os.getxattr(os.path.join(td, "l3", "d2"), whiteouts.REDIRECT_XATTR):
                     log.info("native diff off: kernel records directory renames as redirects")
                     return False
             except OSError:

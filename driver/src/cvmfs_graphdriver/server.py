@@ -10,11 +10,12 @@ import socketserver
 import stat
 import traceback
 from http.server import BaseHTTPRequestHandler
-from typing import IO, Any, Callable, Dict, Optional
+from typing import IO, Any, Callable, Dict, Optional, Union
 from urllib.parse import parse_qs, urlsplit
 
-from .driver import Driver
+from .driver import DiffWriter, Driver
 from .errors import DriverError
+from .layout import LayerId, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,101 @@ class ChunkedWriter:
         self._raw.flush()
 
 
-def _s(req: Dict[str, Any], key: str) -> str:
-    value = req.get(key) or ""
-    if not isinstance(value, str):
-        raise DriverError(f"request field {key} must be a string")
-    return value
+class Request:
+    """One plugin call: its query, its body, and its fields, checked as they are read
+    (layer ids are validated here, once, where they enter the daemon)."""
+
+    def __init__(self, method: str, query: str, body: Any) -> None:
+        self.method = method
+        self.query = parse_qs(query)
+        self.body = body  # ChunkedReader or LengthReader
+        self._json: Optional[Dict[str, Any]] = None
+
+    def json(self) -> Dict[str, Any]:
+        if self._json is None:
+            raw = self.body.read()
+            try:
+                doc = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                raise DriverError(f"{self.method}: request body is not JSON") from None
+            if not isinstance(doc, dict):
+                raise DriverError(f"{self.method}: request body must be a JSON object")
+            self._json = doc
+        return self._json
+
+    def text(self, key: str) -> str:
+        value = self.json().get(key) or ""
+        if not isinstance(value, str):
+            raise DriverError(f"{self.method}: request field {key} must be a string")
+        return value
+
+    def layer(self, key: str = "ID") -> LayerId:
+        return self._checked(self.text(key), "layer id")
+
+    def parent(self, key: str = "Parent") -> Optional[LayerId]:
+        value = self.text(key)
+        return self._checked(value, "parent id") if value else None
+
+    def query_layer(self, key: str) -> Optional[LayerId]:
+        value = (self.query.get(key) or [""])[0]
+        return self._checked(value, f"{key} in the query") if value else None
+
+    def _checked(self, value: str, what: str) -> LayerId:
+        try:
+            return validate_id(value, what)
+        except ValueError as e:
+            raise DriverError(f"{self.method}: {e}") from None
+
+
+Result = Union[Dict[str, Any], DiffWriter]
+Route = Callable[[Driver, Request], Result]
+
+
+def _done(action: Callable[[], object]) -> Dict[str, Any]:
+    action()
+    return {}
+
+
+def _exists(d: Driver, r: Request) -> Dict[str, Any]:
+    try:
+        layer = r.layer()
+    except DriverError:
+        return {"Exists": False}  # a name that can never be a layer
+    return {"Exists": d.exists(layer)}
+
+
+def _apply_diff(d: Driver, r: Request) -> Dict[str, Any]:
+    layer = r.query_layer("id")
+    if layer is None:
+        raise DriverError("ApplyDiff: the query names no layer (id=...)")
+    return {"Size": d.apply_diff(layer, r.query_layer("parent"), r.body)}
+
+
+ROUTES: Dict[str, Route] = {
+    "Plugin.Activate": lambda d, r: {"Implements": ["GraphDriver"]},
+    "GraphDriver.Init": lambda d, r: _done(lambda: d.init(
+        r.text("Home"), r.json().get("Opts"), r.json().get("UIDMaps"), r.json().get("GIDMaps"))),
+    "GraphDriver.Capabilities": lambda d, r: {"Capabilities": {"ReproducesExactDiffs": False}},
+    "GraphDriver.Create": lambda d, r: _done(lambda: d.create(
+        r.layer(), r.parent(), r.text("MountLabel"), r.json().get("StorageOpt"),
+        read_write=False)),
+    "GraphDriver.CreateReadWrite": lambda d, r: _done(lambda: d.create(
+        r.layer(), r.parent(), r.text("MountLabel"), r.json().get("StorageOpt"),
+        read_write=True)),
+    "GraphDriver.Remove": lambda d, r: _done(lambda: d.remove(r.layer())),
+    "GraphDriver.Get": lambda d, r: {"Dir": d.get(r.layer(), r.text("MountLabel"))},
+    "GraphDriver.Put": lambda d, r: _done(lambda: d.put(r.layer())),
+    "GraphDriver.Exists": _exists,
+    "GraphDriver.Status": lambda d, r: {"Status": d.status()},
+    "GraphDriver.GetMetadata": lambda d, r: {"Metadata": d.metadata(r.layer())},
+    "GraphDriver.Cleanup": lambda d, r: _done(d.cleanup),
+    "GraphDriver.Diff": lambda d, r: d.open_diff(r.layer(), r.parent()),
+    "GraphDriver.Changes": lambda d, r: {
+        "Changes": [c.to_json() for c in d.changes(r.layer(), r.parent())]
+    },
+    "GraphDriver.DiffSize": lambda d, r: {"Size": d.diff_size(r.layer(), r.parent())},
+    "GraphDriver.ApplyDiff": _apply_diff,
+}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -139,47 +230,38 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server naming)
         url = urlsplit(self.path)
         method = url.path.lstrip("/")
-        driver = self.server.driver
-        body = self._body_reader()
+        req = Request(method, url.query, self._body_reader())
+        route = ROUTES.get(method)
+        if route is None:
+            self._finish_body(req)
+            self._error(f"unknown plugin call {method}", 404)
+            return
         try:
-            if method == "GraphDriver.ApplyDiff":
-                query = parse_qs(url.query)
-                layer = (query.get("id") or [""])[0]
-                parent = (query.get("parent") or [""])[0]
-                try:
-                    size = driver.apply_diff(layer, parent, body)
-                    body.drain()
-                except BaseException:
-                    # Read the rest of the body: a client still sending it would otherwise
-                    # get a broken pipe instead of our error answer.
-                    try:
-                        body.drain()
-                    except Exception:
-                        self.close_connection = True  # the rest of the body is unread
-                    raise
-                self._json({"Size": size})
-                return
-            raw = body.read()
-            try:
-                req = json.loads(raw) if raw.strip() else {}
-            except ValueError:
-                raise DriverError(f"{method}: request body is not JSON") from None
-            if not isinstance(req, dict):
-                raise DriverError(f"{method}: request body must be a JSON object")
-            handler = ROUTES.get(method)
-            if handler is None:
-                self._error(f"unknown plugin call {method}", 404)
-                return
-            result = handler(self, driver, req)
-            if result is not None:
-                self._json(result)
+            result = route(self.server.driver, req)
+            req.body.drain()
         except DriverError as e:
+            self._finish_body(req)
             log.warning("%s failed: %s", method, e)
             self._error(str(e))
+            return
         except Exception as e:
+            self._finish_body(req)
             log.error("%s failed unexpectedly:\n%s", method, traceback.format_exc())
             self._error(f"{method}: internal error in the cvmfs graph driver: {e!r} "
                         "(details in the driver's log)", 500)
+            return
+        if callable(result):
+            self._stream(method, result)
+        else:
+            self._json(result)
+
+    def _finish_body(self, req: Request) -> None:
+        """Read the rest of a failed call's body: a client still sending it (ApplyDiff)
+        would otherwise get a broken pipe instead of our answer."""
+        try:
+            req.body.drain()
+        except Exception:
+            self.close_connection = True  # the rest of the body is unread
 
     def _body_reader(self) -> Any:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -187,76 +269,20 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return LengthReader(self.rfile, length)  # type: ignore[arg-type]
 
-    def _stream_diff(self, driver: Driver, layer: str, parent: str) -> None:
-        driver._require(driver._id(layer))  # fail with a JSON error before streaming
+    def _stream(self, method: str, write: DiffWriter) -> None:
+        """A streamed answer (Diff): chunked, so a failure can only truncate it."""
         self.send_response(200)
         self.send_header("Content-Type", "application/x-tar")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         out = ChunkedWriter(self.wfile)  # type: ignore[arg-type]
         try:
-            driver.diff(layer, parent, out)  # type: ignore[arg-type]
+            write(out)  # type: ignore[arg-type]
         except Exception:
-            log.error("Diff %s failed mid-stream:\n%s", layer, traceback.format_exc())
+            log.error("%s failed mid-stream:\n%s", method, traceback.format_exc())
             self.close_connection = True  # the client sees a truncated tar, not a valid one
             return
         out.close()
-
-
-Route = Callable[[Handler, Driver, Dict[str, Any]], Optional[Dict[str, Any]]]
-
-
-def _init(h: Handler, d: Driver, r: Dict[str, Any]) -> Dict[str, Any]:
-    d.init(_s(r, "Home"), r.get("Opts"), r.get("UIDMaps"), r.get("GIDMaps"))
-    return {}
-
-
-def _create(rw: bool) -> Route:
-    def route(h: Handler, d: Driver, r: Dict[str, Any]) -> Dict[str, Any]:
-        d.create(_s(r, "ID"), _s(r, "Parent"), _s(r, "MountLabel"), r.get("StorageOpt"),
-                 read_write=rw)
-        return {}
-    return route
-
-
-def _remove(h: Handler, d: Driver, r: Dict[str, Any]) -> Dict[str, Any]:
-    d.remove(_s(r, "ID"))
-    return {}
-
-
-def _put(h: Handler, d: Driver, r: Dict[str, Any]) -> Dict[str, Any]:
-    d.put(_s(r, "ID"))
-    return {}
-
-
-def _cleanup(h: Handler, d: Driver, r: Dict[str, Any]) -> Dict[str, Any]:
-    d.cleanup()
-    return {}
-
-
-def _diff(h: Handler, d: Driver, r: Dict[str, Any]) -> None:
-    h._stream_diff(d, _s(r, "ID"), _s(r, "Parent"))
-
-
-ROUTES: Dict[str, Route] = {
-    "Plugin.Activate": lambda h, d, r: {"Implements": ["GraphDriver"]},
-    "GraphDriver.Init": _init,
-    "GraphDriver.Capabilities": lambda h, d, r: {"Capabilities": {"ReproducesExactDiffs": False}},
-    "GraphDriver.Create": _create(False),
-    "GraphDriver.CreateReadWrite": _create(True),
-    "GraphDriver.Remove": _remove,
-    "GraphDriver.Get": lambda h, d, r: {"Dir": d.get(_s(r, "ID"), _s(r, "MountLabel"))},
-    "GraphDriver.Put": _put,
-    "GraphDriver.Exists": lambda h, d, r: {"Exists": d.exists(_s(r, "ID"))},
-    "GraphDriver.Status": lambda h, d, r: {"Status": d.status()},
-    "GraphDriver.GetMetadata": lambda h, d, r: {"Metadata": d.metadata(_s(r, "ID"))},
-    "GraphDriver.Cleanup": _cleanup,
-    "GraphDriver.Diff": _diff,
-    "GraphDriver.Changes": lambda h, d, r: {
-        "Changes": [c.to_json() for c in d.changes(_s(r, "ID"), _s(r, "Parent"))]
-    },
-    "GraphDriver.DiffSize": lambda h, d, r: {"Size": d.diff_size(_s(r, "ID"), _s(r, "Parent"))},
-}
 
 
 class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -25,17 +25,17 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Collection, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
+from . import whiteouts
 from .errors import DriverError
+from .whiteouts import LayerMarkers
 
 DESCRIPTOR_NAME = "thin.json"
 SUPPORTED_MAJOR = "1"
 MAX_THIN_LAYERS = 125  # dockerd's own cap on image layers
 MAX_DESCRIPTOR_BYTES = 1 << 20
-WHITEOUT_PREFIX = ".wh."
-WHITEOUT_OPAQUE = ".wh..wh..opq"
-OPAQUE_XATTR = "trusted.overlay.opaque"
+CONFIG_HINT = "`repositories` in /etc/cvmfs-graphdriver/config.ini"
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
 _DIGEST_RE = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
@@ -93,18 +93,25 @@ def check_repository_name(repo: object) -> str:
     return repo
 
 
+def check_allowed(repo: str, allowed: Collection[str], where: str) -> None:
+    """The node's repository allow-list (the `repositories` key): the one check, made
+    when a thin layer is pulled and again each time one is mounted."""
+    if repo not in allowed:
+        listed = ", ".join(sorted(allowed)) or "none"
+        raise DescriptorError(
+            f"{where}: repository {repo} is not allowed on this node (allowed: {listed}); "
+            f"add it to {CONFIG_HINT}"
+        )
+
+
 def _check_repo(repo: object, where: str, allowed: Optional[FrozenSet[str]]) -> str:
     try:
         check_repository_name(repo)
     except DescriptorError as e:
         raise DescriptorError(f"{where}: {e}") from None
     assert isinstance(repo, str)
-    if allowed is not None and repo not in allowed:
-        listed = ", ".join(sorted(allowed)) or "none"
-        raise DescriptorError(
-            f"{where}: repository {repo} is not allowed on this node (allowed: {listed}); "
-            "add it to `repositories` in /etc/cvmfs-graphdriver/config.ini"
-        )
+    if allowed is not None:
+        check_allowed(repo, allowed, where)
     return repo
 
 
@@ -207,53 +214,7 @@ def resolve_layer_dir(cvmfs_root: str, layer: ThinLayer) -> str:
     return real
 
 
-# ---------------------------------------------------------------------------- whiteouts
-
-
-@dataclass
-class LayerMarkers:
-    """The whiteout markers of one published layer (paths relative, '/'-separated)."""
-
-    markers: List[str]  # every `.wh.*` file itself
-    deleted: List[str]  # names the layer deletes from below
-    opaque: List[str]  # directories the layer makes opaque
-
-    def to_json(self) -> str:
-        return json.dumps({"markers": self.markers, "deleted": self.deleted,
-                           "opaque": self.opaque})
-
-    @classmethod
-    def from_json(cls, text: str) -> LayerMarkers:
-        doc = json.loads(text)
-        return cls(list(doc["markers"]), list(doc["deleted"]), list(doc["opaque"]))
-
-    @property
-    def empty(self) -> bool:
-        return not self.markers
-
-
-def scan_markers(layer_dir: str) -> LayerMarkers:
-    """Find whiteout marker files by listing directories only (no file is opened)."""
-    out = LayerMarkers([], [], [])
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(os.path.join(layer_dir, rel) if rel else layer_dir) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            path = f"{rel}/{entry.name}" if rel else entry.name
-            if entry.name.startswith(WHITEOUT_PREFIX):
-                out.markers.append(path)
-                if entry.name == WHITEOUT_OPAQUE:
-                    out.opaque.append(rel)
-                elif not entry.name.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
-                    target = entry.name[len(WHITEOUT_PREFIX):]
-                    if target not in ("", ".", ".."):
-                        out.deleted.append(f"{rel}/{target}" if rel else target)
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(path)
-    return out
+# ---------------------------------------------------------------------------- masks
 
 
 @dataclass
@@ -299,11 +260,6 @@ def _below_any_entry(d: str, entries: Set[str]) -> bool:
     return any(e.startswith(prefix) for e in entries)
 
 
-def root_opaque(layers: Sequence[LayerMarkers], k: int) -> bool:
-    """Whether layer k+1 (0-based index k) makes its root opaque (`/.wh..wh..opq`)."""
-    return k < len(layers) and "" in layers[k].opaque
-
-
 def build_mask(dest: str, plan: MaskPlan, attr_sources: Sequence[str]) -> None:
     """Create a mask directory at `dest` (must not exist) from `plan`.
 
@@ -330,12 +286,11 @@ def build_mask(dest: str, plan: MaskPlan, attr_sources: Sequence[str]) -> None:
         full = os.path.join(dest, path)
         os.mkdir(full, 0o755)
     for w in sorted(plan.whiteouts):
-        full = os.path.join(dest, w)
-        os.mknod(full, stat.S_IFCHR | 0o000, 0)
+        whiteouts.make_whiteout(os.path.join(dest, w))
     for path in sorted(dirs, key=lambda p: -p.count("/")):
         full = os.path.join(dest, path)
         if dirs[path]:
-            os.setxattr(full, OPAQUE_XATTR, b"y")
+            whiteouts.set_opaque(full)
         for src in attr_sources:
             candidate = os.path.join(src, path)
             # Only a directory really inside the layer (no symlinked parent) lends its
@@ -362,3 +317,26 @@ def build_mask(dest: str, plan: MaskPlan, attr_sources: Sequence[str]) -> None:
         os.chown(dest, st_root.st_uid, st_root.st_gid)
         os.chmod(dest, stat.S_IMODE(st_root.st_mode))
         os.utime(dest, ns=(st_root.st_atime_ns, st_root.st_mtime_ns))
+
+
+def stack_order(real: Sequence[str], masks: Collection[int], opaque_roots: Collection[int],
+                has_parent: bool) -> List[Tuple[str, int]]:
+    """The lower entries of a thin stack, top first: ("mask", k) and ("layer", k).
+
+    `real` are the layer directories, base first; `masks` the k of the masks that are
+    not empty; `opaque_roots` the k of layers whose root is opaque (nothing below them
+    shows). mask-0 sits below the base layer: it only matters over a parent layer.
+    An image can hold the same directory twice; overlayfs refuses to stack a directory
+    twice (ELOOP), and the upper copy shadows everything the lower one shows, so the
+    lower one is left out.
+    """
+    entries: List[Tuple[str, int]] = []
+    for k in range(len(real), -1, -1):
+        if k in masks and (k > 0 or has_parent):
+            entries.append(("mask", k))
+        if k >= 1:
+            if real[k - 1] not in real[k:]:
+                entries.append(("layer", k))
+            if k in opaque_roots:
+                break
+    return entries

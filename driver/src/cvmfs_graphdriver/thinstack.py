@@ -1,16 +1,14 @@
 """Thin layers on disk: their descriptors, links into CVMFS, and cached whiteout masks.
 
-    <home>/<id>/thin/descriptor.json   the validated descriptor (written by ApplyDiff)
-    <home>/<id>/thin/links.json        {"layer-K" | "mask-K": short link name in l/}
-    <home>/<id>/thin/masks/mask-K/     whiteout masks (see thin.py), built on first use
-    <home>/<id>/thin/masks.json        which masks exist: written last, so a crash while
-                                       building them just rebuilds them
-    <home>/.thin-cache/markers/<sha>.json
-                                       the markers of one CVMFS layer (found once, from
-                                       directory listings only)
+(Paths: layout.Layout's thin_* names.) A lower entry `l/<short>` of a child that names a
+thin layer is replaced, at mount time, by that layer's stack: mask-n, layer-n,
+mask-(n-1), ..., layer-1 [, mask-0] (top first; thin.stack_order).
 
-A lower entry `l/<short>` of a child that names a thin layer is replaced, at mount time,
-by that layer's stack: mask-n, layer-n, mask-(n-1), ..., layer-1 [, mask-0] (top first).
+Two steps, kept apart:
+- *plan*: what a stack is made of, from the home alone (`planned_dirs`, used by
+  `docker inspect`): never touches CVMFS, builds nothing, writes nothing;
+- *materialise* (`stack`, at mount time): resolve every layer inside its repository,
+  find its markers (once, cached), build the masks (once), and make the short links.
 """
 
 from __future__ import annotations
@@ -29,7 +27,8 @@ from . import thin
 from .config import Config
 from .errors import DriverError
 from .files import atomic_write, read
-from .layout import LINK_DIR, Layout, new_short_id
+from .layout import Layout, layer_of_link_target, mask_name, new_short_id
+from .whiteouts import LayerMarkers
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +42,6 @@ class ThinStacks:
         self.layout = layout
         self.config = config
         self._locked = locked
-
-    # ------------------------------------------------------------------ paths
-
-    def _dir(self, layer_id: str) -> str:
-        return os.path.join(self.layout.dir(layer_id), "thin")
-
-    def _descriptor_file(self, layer_id: str) -> str:
-        return os.path.join(self._dir(layer_id), "descriptor.json")
-
-    @property
-    def _marker_cache(self) -> str:
-        return os.path.join(self.layout.home, ".thin-cache", "markers")
 
     # ------------------------------------------------------------------ ApplyDiff
 
@@ -89,23 +76,23 @@ class ThinStacks:
                 raise thin.DescriptorError("thin.json is not a regular file")
             data = f.read(thin.MAX_DESCRIPTOR_BYTES + 1)
         desc = thin.parse_descriptor(data, self.config.repositories)
-        os.makedirs(self._dir(layer_id), mode=0o700, exist_ok=True)
-        atomic_write(self._descriptor_file(layer_id), desc.to_json())
+        os.makedirs(self.layout.thin_dir(layer_id), mode=0o700, exist_ok=True)
+        atomic_write(self.layout.thin_descriptor(layer_id), desc.to_json())
         log.info("layer %s is thin: %d layers from %s", layer_id, len(desc.layers),
                  ", ".join(desc.repositories))
         return desc
 
     def descriptor(self, layer_id: str) -> Optional[thin.Descriptor]:
         try:
-            with open(self._descriptor_file(layer_id), "rb") as f:
+            with open(self.layout.thin_descriptor(layer_id), "rb") as f:
                 return thin.parse_descriptor(f.read())
         except FileNotFoundError:
             return None
 
     def is_thin(self, layer_id: str) -> bool:
-        return os.path.exists(self._descriptor_file(layer_id))
+        return os.path.exists(self.layout.thin_descriptor(layer_id))
 
-    # ------------------------------------------------------------------ expansion
+    # ------------------------------------------------------------------ plan
 
     def layer_of_entry(self, entry: str) -> Optional[str]:
         """The layer id an `l/<short>` lower entry points to (None for CVMFS/mask links)."""
@@ -113,10 +100,42 @@ class ThinStacks:
             target = os.readlink(os.path.join(self.layout.home, entry))
         except OSError:
             return None
-        parts = target.split("/")
-        if len(parts) == 3 and parts[0] == ".." and parts[2] == "diff":
-            return parts[1]
-        return None
+        return layer_of_link_target(target)
+
+    def thin_layers(self, lower: str) -> List[str]:
+        """The thin layers of a lower chain (from the home alone)."""
+        out = []
+        for entry in filter(None, lower.split(":")):
+            tid = self.layer_of_entry(entry)
+            if tid is not None and self.is_thin(tid):
+                out.append(tid)
+        return out
+
+    def planned_dirs(self, tid: str) -> List[str]:
+        """The directories thin layer `tid` stands for, top first, as planned: CVMFS
+        layers as the descriptor names them (not resolved: CVMFS is not touched) and the
+        masks already built. For reporting only."""
+        desc = self.descriptor(tid)
+        if desc is None:
+            return []
+        real = [os.path.join(self.config.cvmfs_root, la.repo, la.path) for la in desc.layers]
+        built = self._built_masks(tid) or {}
+        masks = {k for k in built if k >= 0}
+        opaque_roots = {-k for k, v in built.items() if k < 0 and "" in v}
+        has_parent = bool(_read_or_empty(self.layout.parent_file(tid)))
+        return [self.layout.thin_mask(tid, k) if kind == "mask" else real[k - 1]
+                for kind, k in thin.stack_order(real, masks, opaque_roots, has_parent)]
+
+    def repositories_below(self, lower: str) -> Set[str]:
+        """Repositories used by the thin layers in a lower chain (no CVMFS access)."""
+        repos: Set[str] = set()
+        for tid in self.thin_layers(lower):
+            desc = self.descriptor(tid)
+            if desc is not None:
+                repos.update(desc.repositories)
+        return repos
+
+    # ------------------------------------------------------------------ materialise
 
     def expand(self, lower: str) -> str:
         """`lower` with each thin layer replaced by its CVMFS stack (checked, masks built)."""
@@ -137,49 +156,39 @@ class ThinStacks:
         return ":".join(out)
 
     def stack(self, tid: str) -> List[str]:
-        """Lower entries for thin layer `tid`, top first."""
+        """Lower entries for thin layer `tid`, top first, everything in place."""
         desc = self.descriptor(tid)
         if desc is None:
             raise DriverError(f"layer {tid} is not a thin layer")
-        allowed = set(self.config.repositories)
         for repo in desc.repositories:
-            if repo not in allowed:
-                raise DriverError(
-                    f"thin layer {tid} uses repository {repo}, which is no longer allowed on "
-                    "this node (`repositories` in /etc/cvmfs-graphdriver/config.ini)"
-                )
+            thin.check_allowed(repo, self.config.repositories, f"thin layer {tid}")
         real = [thin.resolve_layer_dir(self.config.cvmfs_root, la) for la in desc.layers]
         with self._locked(tid):
             masks = self._masks(tid, desc, real)
             has_parent = bool(_read_or_empty(self.layout.parent_file(tid)))
+            order = thin.stack_order(real, {k for k in masks if k >= 0},
+                                     {-k for k, v in masks.items() if k < 0 and "" in v},
+                                     has_parent)
             links = self._load_links(tid)
             known = dict(links)
-            entries: List[str] = []
-            n = len(real)
-            for k in range(n, -1, -1):
-                if k in masks and (k > 0 or has_parent):
-                    entries.append(self._link(tid, links, f"mask-{k}", self._mask_dir(tid, k)))
-                if k >= 1:
-                    # An image can hold one layer twice (same digest, same directory);
-                    # overlayfs refuses to stack a directory twice (ELOOP). The upper
-                    # copy shadows everything the lower one shows, so leave that out.
-                    if real[k - 1] not in real[k:]:
-                        entries.append(self._link(tid, links, f"layer-{k}", real[k - 1]))
-                    if "" in masks.get(-k, set()):
-                        break  # layer k makes its root opaque: nothing below shows
+            entries = [
+                self._link(links, mask_name(k) if kind == "mask" else f"layer-{k}",
+                           self.layout.thin_mask(tid, k) if kind == "mask" else real[k - 1])
+                for kind, k in order
+            ]
             if links != known:  # only the first start (or a moved layer) writes
-                atomic_write(os.path.join(self._dir(tid), "links.json"), json.dumps(links))
+                atomic_write(self.layout.thin_links(tid), json.dumps(links))
         return entries
 
     def _load_links(self, tid: str) -> Dict[str, str]:
         try:
-            with open(os.path.join(self._dir(tid), "links.json"), encoding="utf-8") as f:
+            with open(self.layout.thin_links(tid), encoding="utf-8") as f:
                 links = json.load(f)
             return {str(k): str(v) for k, v in links.items()}
         except (FileNotFoundError, ValueError):
             return {}
 
-    def _link(self, tid: str, links: Dict[str, str], name: str, target: str) -> str:
+    def _link(self, links: Dict[str, str], name: str, target: str) -> str:
         """A short link in l/ to `target`, created or corrected as needed."""
         if target.startswith(self.layout.home + os.sep):
             want = os.path.relpath(target, self.layout.links)
@@ -190,7 +199,7 @@ class ThinStacks:
             path = self.layout.short_link(short)
             try:
                 if os.readlink(path) == want:
-                    return f"{LINK_DIR}/{short}"
+                    return self.layout.lower_entry(short)
             except FileNotFoundError:
                 pass
             except OSError:
@@ -206,7 +215,7 @@ class ThinStacks:
         os.symlink(want, tmp)
         os.rename(tmp, self.layout.short_link(short))
         links[name] = short
-        return f"{LINK_DIR}/{short}"
+        return self.layout.lower_entry(short)
 
     def forget(self, tid: str) -> None:
         """Remove the l/ links of a thin layer (its directory is removed by the caller)."""
@@ -216,25 +225,21 @@ class ThinStacks:
 
     # ------------------------------------------------------------------ masks
 
-    def _mask_dir(self, tid: str, k: int) -> str:
-        return os.path.join(self._dir(tid), "masks", f"mask-{k}")
-
-    def _markers(self, layer: thin.ThinLayer, real_dir: str) -> thin.LayerMarkers:
-        key = hashlib.sha256(f"{layer.repo}/{layer.path}".encode()).hexdigest()
-        path = os.path.join(self._marker_cache, f"{key}.json")
+    def _markers(self, layer: thin.ThinLayer, real_dir: str) -> LayerMarkers:
+        path = self.layout.marker_cache(
+            hashlib.sha256(f"{layer.repo}/{layer.path}".encode()).hexdigest())
         try:
             with open(path, encoding="utf-8") as f:
-                return thin.LayerMarkers.from_json(f.read())
+                return LayerMarkers.from_json(f.read())
         except (FileNotFoundError, ValueError, KeyError):
             pass
-        markers = self._published_index(layer, real_dir) or thin.scan_markers(real_dir)
-        os.makedirs(self._marker_cache, mode=0o700, exist_ok=True)
+        markers = self._published_index(layer, real_dir) or LayerMarkers.scan(real_dir)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         atomic_write(path, markers.to_json())
         log.info("thin layer %s: %d whiteout markers", layer.url, len(markers.markers))
         return markers
 
-    def _published_index(self, layer: thin.ThinLayer,
-                         real_dir: str) -> Optional[thin.LayerMarkers]:
+    def _published_index(self, layer: thin.ThinLayer, real_dir: str) -> Optional[LayerMarkers]:
         """The markers cvmfs-thin recorded at publish time (.metadata/whiteouts.json)."""
         if os.path.basename(real_dir) != "layerfs":
             return None
@@ -244,7 +249,7 @@ class ThinStacks:
             return None
         try:
             with open(index, encoding="utf-8") as f:
-                markers = thin.LayerMarkers.from_json(f.read(1 << 24))
+                markers = LayerMarkers.from_json(f.read(1 << 24))
         except (OSError, ValueError, KeyError, TypeError):
             return None
         # The index comes from the repository: a name that is not a plain relative path
@@ -255,21 +260,24 @@ class ThinStacks:
             return None
         return markers
 
-    def _masks(self, tid: str, desc: thin.Descriptor, real: List[str]) -> Dict[int, Set[str]]:
-        """Build (once) and return {k: set()} for the masks that exist.
-
-        Negative keys -k carry {""} when layer k makes its root opaque.
-        """
-        index = os.path.join(self._dir(tid), "masks.json")
+    def _built_masks(self, tid: str) -> Optional[Dict[int, Set[str]]]:
+        """{k: set()} of the masks built for `tid` (negative -k: {""} when layer k makes
+        its root opaque), or None if they are not built yet."""
         try:
-            with open(index, encoding="utf-8") as f:
+            with open(self.layout.thin_masks_index(tid), encoding="utf-8") as f:
                 doc = json.load(f)
             return {int(k): set(v) for k, v in doc.items()}
         except (FileNotFoundError, ValueError):
-            pass
+            return None
+
+    def _masks(self, tid: str, desc: thin.Descriptor, real: List[str]) -> Dict[int, Set[str]]:
+        """Build (once) the masks of `tid`; return them as _built_masks does."""
+        built = self._built_masks(tid)
+        if built is not None:
+            return built
         markers = [self._markers(la, d) for la, d in zip(desc.layers, real)]
         plans = thin.plan_masks(markers)
-        root = os.path.join(self._dir(tid), "masks")
+        root = self.layout.thin_masks(tid)
         shutil.rmtree(root, ignore_errors=True)
         building = root + ".building"
         shutil.rmtree(building, ignore_errors=True)
@@ -280,28 +288,15 @@ class ThinStacks:
             if plan.empty:
                 continue
             sources = ([real[k]] if k < n else []) + ([real[k - 1]] if k >= 1 else [])
-            thin.build_mask(os.path.join(building, f"mask-{k}"), plan, sources)
+            thin.build_mask(os.path.join(building, mask_name(k)), plan, sources)
             result[k] = set()
         for k, m in enumerate(markers, start=1):
             if "" in m.opaque:
                 result[-k] = {""}
         os.rename(building, root)
-        atomic_write(index, json.dumps({str(k): sorted(v) for k, v in result.items()}))
+        atomic_write(self.layout.thin_masks_index(tid),
+                     json.dumps({str(k): sorted(v) for k, v in result.items()}))
         return result
-
-    # ------------------------------------------------------------------ reporting
-
-    def repositories_below(self, lower: str) -> Set[str]:
-        """Repositories used by the thin layers in a lower chain (no CVMFS access)."""
-        repos: Set[str] = set()
-        for entry in filter(None, lower.split(":")):
-            tid = self.layer_of_entry(entry)
-            if tid is None:
-                continue
-            desc = self.descriptor(tid)
-            if desc is not None:
-                repos.update(desc.repositories)
-        return repos
 
 
 def _plain_path(path: object) -> bool:

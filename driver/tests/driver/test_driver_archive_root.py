@@ -11,7 +11,7 @@ import struct
 import pytest
 from layer_tools import read_tar
 
-from cvmfs_graphdriver import archive
+from cvmfs_graphdriver import archive, whiteouts
 from cvmfs_graphdriver.archive import CHANGE_MODIFY
 
 pytestmark = pytest.mark.root
@@ -62,7 +62,7 @@ def test_native_diff_tar_of_an_upper_dir(as_root, tmp_path):
     os.setxattr(f"{upper}/ping", "user.not-exported", b"u")  # moby exports only the capability
     os.link(f"{upper}/ping", f"{upper}/ping2")
     out = io.BytesIO()
-    archive.write_native_diff(out, upper)
+    archive.write_layer_tar(out, upper)
     data = out.getvalue()
     entries = read_tar(data)
     assert set(entries) == {"dir", "dir/.wh..wh..opq", "dir/.wh.deleted", "dir/file", "ping",
@@ -82,7 +82,7 @@ def test_native_diff_tar_of_an_upper_dir(as_root, tmp_path):
 
 def test_native_diff_of_an_empty_layer_is_an_empty_tar(as_root, tmp_path):
     out = io.BytesIO()
-    archive.write_native_diff(out, str(tmp_path))
+    archive.write_layer_tar(out, str(tmp_path))
     assert out.getvalue() == b"\0" * 1024  # what dockerd hashes as the empty layer
 
 
@@ -94,10 +94,10 @@ def test_apply_then_native_diff_round_trips(as_root, tmp_path):
     _whiteout(f"{src}/wh")
     os.setxattr(f"{src}/a", "trusted.overlay.opaque", b"y")
     out = io.BytesIO()
-    archive.write_native_diff(out, src)
+    archive.write_layer_tar(out, src)
     dst = str(tmp_path / "dst")
     os.mkdir(dst)
-    archive.apply_tar(io.BytesIO(out.getvalue()), dst)
+    archive.apply_tar(io.BytesIO(out.getvalue()), dst, whiteouts.OverlayUpper())
     st = os.lstat(f"{dst}/wh")
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
     assert os.getxattr(f"{dst}/a", "trusted.overlay.opaque") == b"y"

@@ -117,9 +117,15 @@ def test_errors_are_err_strings_that_name_the_layer(inited):
     with pytest.raises(PluginError) as e:
         c.call("GraphDriver.Create", {"ID": new_id(), "Parent": missing})
     assert missing in e.value.message
-    with pytest.raises(PluginError) as e:
-        c.call("GraphDriver.Create", {"ID": "../../etc"})
-    assert "invalid layer id" in e.value.message
+    # every id is checked where it enters, for every call that takes one
+    for call, body in (("Create", {"ID": "../../etc"}), ("Get", {"ID": "../../etc"}),
+                       ("Remove", {"ID": "l"}), ("Put", {"ID": "/etc"}),
+                       ("Create", {"ID": new_id(), "Parent": "../x"}),
+                       ("Changes", {"ID": new_id(), "Parent": ".."})):
+        with pytest.raises(PluginError) as e:
+            c.call(f"GraphDriver.{call}", body)
+        assert "invalid layer id" in e.value.message or "invalid parent id" in e.value.message
+    assert c.call("GraphDriver.Exists", {"ID": "../../etc"}) == {"Exists": False}
     with pytest.raises(PluginError) as e:
         c.call("GraphDriver.Create", {"ID": 42})
     assert "ID" in e.value.message

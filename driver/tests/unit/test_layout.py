@@ -35,15 +35,17 @@ def test_validate_id_refuses_names_that_could_escape_the_home(bad):
     assert repr(bad) in str(e.value)
 
 
-def test_layout_paths_stay_under_home_and_refuse_bad_ids():
+def test_layout_paths_stay_under_home_and_bad_ids_are_refused():
     lay = Layout("/var/lib/docker/cvmfs")
     assert lay.diff(HEX_ID) == f"/var/lib/docker/cvmfs/{HEX_ID}/diff"
     assert lay.merged(HEX_ID) == f"/var/lib/docker/cvmfs/{HEX_ID}/merged"
     assert lay.applying_marker(HEX_ID) == f"/var/lib/docker/cvmfs/{HEX_ID}/.applying"
     assert lay.short_link("ABC") == "/var/lib/docker/cvmfs/l/ABC"
-    for bad in ("..", "../../etc", "/etc"):
+    # ids are checked where they enter (the protocol, the home's listing), once
+    for bad in ("..", "../../etc", "/etc", "l", ".staging", "", "a/b"):
         with pytest.raises(ValueError):
-            lay.diff(bad)
+            validate_id(bad)
+    assert validate_id(HEX_ID) == HEX_ID
 
 
 def test_short_ids_are_fixed_length_base32_and_distinct():

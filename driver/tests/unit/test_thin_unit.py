@@ -2,8 +2,9 @@
 
 `parse_descriptor` must accept the descriptor forms found in the wild and refuse every
 descriptor a node must not use with a message that names the problem; `plan_masks`
-decides what the local mask directories between CVMFS layers hold; `markers_from_names`
-(publisher side) must find the same markers as `scan_markers` (driver side);
+decides what the local mask directories between CVMFS layers hold and `stack_order` how
+they stack; markers found from tar names (publisher side) must equal those found by
+scanning a published tree (driver side);
 `resolve_layer_dir` must never leave `<cvmfs root>/<repo>`, even through symlinks.
 The "repository" here is a plain temporary directory tree.
 """
@@ -17,8 +18,10 @@ import os
 import pytest
 
 from cvmfs_graphdriver import thin
+from cvmfs_graphdriver.archive import split_member_name
 from cvmfs_graphdriver.errors import DriverError
-from cvmfs_graphdriver.publish.stores import layer_dir, markers_from_names
+from cvmfs_graphdriver.publish.stores import layer_dir
+from cvmfs_graphdriver.whiteouts import LayerMarkers
 
 ALLOWED = ("test.repo", "ducc.repo")
 HEX = hashlib.sha256(b"unit-layer").hexdigest()
@@ -206,11 +209,11 @@ def test_oversized_descriptor():
 # ---------------------------------------------------------------------------- masks
 
 
-def M(markers=(), deleted=(), opaque=()) -> thin.LayerMarkers:
-    return thin.LayerMarkers(sorted(markers), sorted(deleted), sorted(opaque))
+def M(markers=(), deleted=(), opaque=()) -> LayerMarkers:
+    return LayerMarkers(sorted(markers), sorted(deleted), sorted(opaque))
 
 
-def plans_of(*layers: thin.LayerMarkers):
+def plans_of(*layers: LayerMarkers):
     return [(p.whiteouts, p.opaque) for p in thin.plan_masks(list(layers))]
 
 
@@ -244,7 +247,22 @@ def test_root_opaque_is_not_a_mask_directory():
     plans = plans_of(M(), top)
     assert plans[1] == (set(), set())
     assert plans[2] == ({".wh..wh..opq"}, set())
-    assert thin.root_opaque([M(), top], 1) and not thin.root_opaque([M(), top], 0)
+    # ... and layer 2 hides everything below it: the stack stops there.
+    assert thin.stack_order(["l1", "l2"], {2}, {2}, has_parent=True) == [
+        ("mask", 2), ("layer", 2)]
+
+
+def test_stack_order_top_first_with_masks_between():
+    assert thin.stack_order(["l1", "l2", "l3"], {0, 1, 3}, set(), has_parent=True) == [
+        ("mask", 3), ("layer", 3), ("layer", 2), ("mask", 1), ("layer", 1), ("mask", 0)]
+    # mask-0 (over the parent layer) only matters when there is a parent
+    assert ("mask", 0) not in thin.stack_order(["l1"], {0}, set(), has_parent=False)
+
+
+def test_stack_order_leaves_out_a_directory_stacked_twice():
+    # overlayfs refuses a lower dir given twice (ELOOP); the upper copy shadows the lower.
+    assert thin.stack_order(["a", "b", "a"], set(), set(), has_parent=False) == [
+        ("layer", 3), ("layer", 2)]
 
 
 def test_delete_then_recreate_becomes_opaque():
@@ -304,6 +322,10 @@ NAMES = [
 ]
 
 
+def markers_from_names(names):
+    return LayerMarkers.from_names(split_member_name(n) for n in names)
+
+
 def test_markers_from_tar_names():
     m = markers_from_names(NAMES)
     assert m.markers == sorted([
@@ -329,11 +351,11 @@ def test_markers_from_names_match_a_directory_scan(tmp_path):
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"")
-    scanned = thin.scan_markers(str(root))
+    scanned = LayerMarkers.scan(str(root))
     recorded = markers_from_names(NAMES)
     assert (sorted(scanned.markers), sorted(scanned.deleted), sorted(scanned.opaque)) == \
         (sorted(recorded.markers), sorted(recorded.deleted), sorted(recorded.opaque))
-    assert thin.LayerMarkers.from_json(scanned.to_json()) == scanned
+    assert LayerMarkers.from_json(scanned.to_json()) == scanned
 
 
 def test_layer_dir_has_duccs_shape():

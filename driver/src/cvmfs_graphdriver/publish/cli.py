@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any, List, Optional
 
-from .. import __version__, archive, thin
+from .. import __version__, archive, thin, whiteouts
 from ..errors import DriverError
 from . import images
 from .stores import (
@@ -20,7 +20,6 @@ from .stores import (
     check_repo_name,
     flat_dir,
     layer_dir,
-    markers_from_names,
     parse_store,
 )
 
@@ -135,9 +134,9 @@ def _publish_layer(store: Store, saved: images.SavedImage, n: int, diff_ids: Lis
     if digest != h:
         raise PublishError(f"layer {n + 1} of {origin} has digest {digest}, expected {h}: "
                            "the engine's copy is damaged; pull the image again")
-    if thin.DESCRIPTOR_NAME in {x.strip("/").removeprefix("./") for x in names}:
+    if [thin.DESCRIPTOR_NAME] in names:
         raise _nested(origin, n)
-    markers = markers_from_names(names)
+    markers = whiteouts.LayerMarkers.from_names(names)
     store.publish_layer(layer_dir(h), lambda: saved.open_layer(n), markers, origin)
     _progress(f"layer {n + 1}/{len(diff_ids)} {h[:12]}: published {len(names)} entries, "
               f"{_mb(size)}, {len(markers.markers)} whiteout markers "
@@ -159,7 +158,7 @@ def _publish_flat(store: Store, image: Any, rel: str, workdir: Optional[str],
         with images.saved(image, workdir) as saved:
             for n in range(len(saved.layer_paths)):
                 with saved.open_layer(n) as stream:
-                    archive.apply_tar(stream, tree, whiteouts="apply")
+                    archive.apply_tar(stream, tree, whiteouts.Flatten())
                 if os.path.lexists(os.path.join(tree, thin.DESCRIPTOR_NAME)):
                     raise _nested(origin, n)
                 _progress(f"flattening: layer {n + 1}/{len(saved.layer_paths)} applied")

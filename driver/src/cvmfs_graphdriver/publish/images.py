@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
 
-from .. import thin
+from .. import archive, thin
+from ..errors import UnsafeLayerError
 from .stores import PublishError
 
 # What a thin image copies from its source's config (and nothing else).
@@ -98,10 +99,11 @@ def _member(tf: tarfile.TarFile, name: str) -> IO[bytes]:
     return f
 
 
-def scan_layer(stream: IO[bytes]) -> Tuple[str, List[str], int]:
-    """sha256 of a layer tar, its entry names and its size, in one pass."""
+def scan_layer(stream: IO[bytes]) -> Tuple[str, List[List[str]], int]:
+    """sha256 of a layer tar, its entry names (split into components) and its size, in
+    one pass."""
     hasher = hashlib.sha256()
-    names: List[str] = []
+    names: List[List[str]] = []
     size = 0
 
     class Tee(io.RawIOBase):
@@ -119,7 +121,10 @@ def scan_layer(stream: IO[bytes]) -> Tuple[str, List[str], int]:
     reader = io.BufferedReader(Tee(), 1 << 20)
     with tarfile.open(fileobj=reader, mode="r|", errors="surrogateescape") as tf:
         for m in tf:
-            names.append(m.name)
+            try:
+                names.append(archive.split_member_name(m.name))
+            except UnsafeLayerError as e:
+                raise PublishError(f"the image has an unsafe layer: {e}") from None
     while reader.read(1 << 20):
         pass
     return hasher.hexdigest(), names, size
@@ -195,8 +200,15 @@ def read_descriptor(client: Any, ref: str) -> Tuple[thin.Descriptor, int]:
         for index in range(len(img.layer_paths)):
             with img.open_layer(index) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
                 for m in tf:
-                    if m.name.lstrip("./") == thin.DESCRIPTOR_NAME and m.isreg():
+                    if m.isreg() and _member_parts(m.name) == [thin.DESCRIPTOR_NAME]:
                         f = tf.extractfile(m)
                         data = f.read() if f else b""
                         return thin.parse_descriptor(data), index
     raise PublishError(f"{ref} is not a thin image: none of its layers holds thin.json")
+
+
+def _member_parts(name: str) -> List[str]:
+    try:
+        return archive.split_member_name(name)
+    except UnsafeLayerError:
+        return []  # not a name this tool reads anything from

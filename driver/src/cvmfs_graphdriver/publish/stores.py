@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import IO, Callable, ContextManager, List, Optional
 
-from .. import archive, mounts, thin
+from .. import archive, mounts, thin, whiteouts
 from ..errors import DriverError
 
 
@@ -41,25 +41,7 @@ def flat_dir(hexdigest: str) -> str:
     return f".flat/{hexdigest[:2]}/{hexdigest}"
 
 
-def markers_from_names(names: List[str]) -> thin.LayerMarkers:
-    """The whiteout markers of a layer, from its tar entry names."""
-    out = thin.LayerMarkers([], [], [])
-    for raw in names:
-        parts = [p for p in raw.split("/") if p not in ("", ".")]
-        if not parts or not parts[-1].startswith(thin.WHITEOUT_PREFIX):
-            continue
-        path, parent, base = "/".join(parts), "/".join(parts[:-1]), parts[-1]
-        out.markers.append(path)
-        if base == thin.WHITEOUT_OPAQUE:
-            out.opaque.append(parent)
-        elif not base.startswith(thin.WHITEOUT_PREFIX * 2):
-            target = base[len(thin.WHITEOUT_PREFIX):]
-            out.deleted.append(f"{parent}/{target}" if parent else target)
-    out.markers.sort()
-    return out
-
-
-def metadata_files(markers: thin.LayerMarkers, origin: str) -> dict:
+def metadata_files(markers: whiteouts.LayerMarkers, origin: str) -> dict:
     return {
         "whiteouts.json": markers.to_json() + "\n",
         "origin.json": json.dumps({"origin": origin, "published": int(time.time()),
@@ -79,7 +61,7 @@ class Store:
     def has(self, rel: str) -> bool:
         raise NotImplementedError
 
-    def publish_layer(self, rel: str, open_tar: Opener, markers: thin.LayerMarkers,
+    def publish_layer(self, rel: str, open_tar: Opener, markers: whiteouts.LayerMarkers,
                       origin: str) -> None:
         raise NotImplementedError
 
@@ -130,15 +112,15 @@ class DirStore(Store):
                 return
             raise
 
-    def publish_layer(self, rel: str, open_tar: Opener, markers: thin.LayerMarkers,
+    def publish_layer(self, rel: str, open_tar: Opener, markers: whiteouts.LayerMarkers,
                       origin: str) -> None:
         final = os.path.dirname(self._path(rel))  # .layers/xx/hex
         tmp = self._partial(final)
         try:
             fs = os.path.join(tmp, os.path.basename(rel))
             os.mkdir(fs, 0o755)
-            with open_tar() as stream:
-                archive.apply_tar(stream, fs, whiteouts="keep")
+            with open_tar() as stream:  # markers stay plain files, as DUCC keeps them
+                archive.apply_tar(stream, fs, converter=None)
             meta = os.path.join(tmp, ".metadata")
             os.mkdir(meta, 0o755)
             for name, content in metadata_files(markers, origin).items():
@@ -204,7 +186,7 @@ class CvmfsStore(Store):
                 f"was not published):\n{output.strip()}"
             )
 
-    def publish_layer(self, rel: str, open_tar: Opener, markers: thin.LayerMarkers,
+    def publish_layer(self, rel: str, open_tar: Opener, markers: whiteouts.LayerMarkers,
                       origin: str) -> None:
         base = os.path.dirname(rel)
         # Metadata first: the layer directory appearing is what marks a layer complete.
@@ -225,7 +207,7 @@ class CvmfsStore(Store):
 
     def publish_tree(self, rel: str, tree: str) -> None:
         def feed(out: IO[bytes]) -> None:
-            archive.write_native_diff(out, tree)  # a plain tar: the tree has no whiteouts
+            archive.write_layer_tar(out, tree)  # a plain tar: the tree has no whiteouts
 
         try:
             self._ingest(rel, feed, True)
