@@ -202,6 +202,8 @@ def _put_string(blk: bytearray, off: int, size: int, s: bytes) -> None:
     """Go's formatter.formatString: copy what fits, NUL-terminate if shorter; a value
     cut at a '/' loses its trailing slashes (some readers take them for directories)."""
     blk[off:off + min(len(s), size)] = s[:size]
+    if len(s) < size:
+        blk[off + len(s)] = 0
     if len(s) > size and s[size - 1:size] == b"/":
         n = len(s[:size].rstrip(b"/"))
         blk[off + n] = 0
