@@ -19,6 +19,7 @@ from .config import Config
 from .errors import DriverError, NotFoundError
 from .files import atomic_write, fsync_dir, read, write_durably
 from .layout import (
+    LayerDir,
     LayerId,
     Layout,
     is_layer_name,
@@ -262,20 +263,20 @@ class Driver:
             except ValueError as e:
                 raise DriverError(f"cannot create layer {layer_id}: {e}") from None
 
-            tmp = layout.staging_dir(layer_id)
-            os.mkdir(tmp, 0o700)
+            staged = LayerDir(layout.staging_dir(layer_id))
+            os.mkdir(staged.path, 0o700)
             try:
-                os.mkdir(os.path.join(tmp, "diff"), 0o755)
-                os.chmod(os.path.join(tmp, "diff"), 0o755)  # the layer root, whatever the umask
+                os.mkdir(staged.diff, 0o755)
+                os.chmod(staged.diff, 0o755)  # the layer root, whatever the umask
                 short = new_short_id()
-                write_durably(os.path.join(tmp, "link"), short)
+                write_durably(staged.link_file, short)
                 if parent:
-                    write_durably(os.path.join(tmp, "lower"), lower)
-                    write_durably(os.path.join(tmp, "parent"), parent)
-                    os.mkdir(os.path.join(tmp, "work"), 0o700)
-                os.rename(tmp, layout.dir(layer_id))
+                    write_durably(staged.lower_file, lower)
+                    write_durably(staged.parent_file, parent)
+                    os.mkdir(staged.work, 0o700)
+                os.rename(staged.path, layout.dir(layer_id))
             except BaseException:
-                fdtree.remove_tree(tmp)
+                fdtree.remove_tree(staged.path)
                 raise
             os.symlink(link_target(layer_id), layout.short_link(short))
             if parent:

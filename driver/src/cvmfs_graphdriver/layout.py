@@ -72,6 +72,54 @@ def new_short_id() -> str:
 
 
 @dataclass(frozen=True)
+class LayerDir:
+    """The names inside one layer directory, in place or being built in staging."""
+
+    path: str
+
+    def _(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def diff(self) -> str:
+        return self._("diff")
+
+    @property
+    def work(self) -> str:
+        return self._("work")
+
+    @property
+    def merged(self) -> str:
+        return self._("merged")
+
+    @property
+    def link_file(self) -> str:
+        return self._("link")
+
+    @property
+    def lower_file(self) -> str:
+        return self._("lower")
+
+    @property
+    def parent_file(self) -> str:
+        return self._("parent")
+
+    @property
+    def committed_file(self) -> str:
+        """Present once a child was created on the layer: from then on it mounts read-only
+        (overlay2 writes it into the *parent's* directory in Create)."""
+        return self._("committed")
+
+    @property
+    def applying_marker(self) -> str:
+        return self._(".applying")
+
+    @property
+    def thin_dir(self) -> str:
+        return self._("thin")
+
+
+@dataclass(frozen=True)
 class Layout:
     home: str
 
@@ -79,36 +127,37 @@ class Layout:
         # Ids are validated once, where they enter (the protocol, the home's listing).
         return os.path.join(self.home, layer_id)
 
+    def layer(self, layer_id: str) -> LayerDir:
+        return LayerDir(self.dir(layer_id))
+
     def diff(self, layer_id: str) -> str:
-        return os.path.join(self.dir(layer_id), "diff")
+        return self.layer(layer_id).diff
 
     def work(self, layer_id: str) -> str:
-        return os.path.join(self.dir(layer_id), "work")
+        return self.layer(layer_id).work
 
     def merged(self, layer_id: str) -> str:
-        return os.path.join(self.dir(layer_id), "merged")
+        return self.layer(layer_id).merged
 
     def link_file(self, layer_id: str) -> str:
-        return os.path.join(self.dir(layer_id), "link")
+        return self.layer(layer_id).link_file
 
     def lower_file(self, layer_id: str) -> str:
-        return os.path.join(self.dir(layer_id), "lower")
+        return self.layer(layer_id).lower_file
 
     def parent_file(self, layer_id: str) -> str:
-        return os.path.join(self.dir(layer_id), "parent")
+        return self.layer(layer_id).parent_file
 
     def committed_file(self, layer_id: str) -> str:
-        """Present once a child was created on the layer: from then on it mounts read-only
-        (overlay2 writes it into the *parent's* directory in Create)."""
-        return os.path.join(self.dir(layer_id), "committed")
+        return self.layer(layer_id).committed_file
 
     def applying_marker(self, layer_id: str) -> str:
-        return os.path.join(self.dir(layer_id), ".applying")
+        return self.layer(layer_id).applying_marker
 
     # a thin layer's bookkeeping
 
     def thin_dir(self, layer_id: str) -> str:
-        return os.path.join(self.dir(layer_id), "thin")
+        return self.layer(layer_id).thin_dir
 
     def thin_descriptor(self, layer_id: str) -> str:
         return os.path.join(self.thin_dir(layer_id), "descriptor.json")

@@ -23,7 +23,7 @@ import shutil
 import stat
 from typing import Callable, ContextManager, Dict, List, Optional, Set
 
-from . import thin
+from . import thin, whiteouts
 from .config import Config
 from .errors import DriverError
 from .files import atomic_write, read
@@ -62,8 +62,8 @@ class ThinStacks:
             st = os.lstat(path)
         except FileNotFoundError:
             return None
-        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-            return None  # a whiteout: this layer deletes /thin.json, it is no descriptor
+        if whiteouts.is_whiteout(st):
+            return None  # this layer deletes /thin.json: it is no descriptor
         if not stat.S_ISREG(st.st_mode):
             # Never open it: a FIFO would block the pull forever, a device has effects.
             raise thin.DescriptorError("thin.json is not a regular file")
