@@ -234,25 +234,29 @@ def _below_any(path: str, roots: Set[str]) -> bool:
     return any("/".join(parts[:i]) in roots for i in range(1, len(parts)))
 
 
+def pair_mask(below: Optional[LayerMarkers], above: Optional[LayerMarkers]) -> MaskPlan:
+    """The mask that sits between two stacked CVMFS layers (either may be absent: the
+    top of a stack, or a regular layer under its base). It hides the literal markers of
+    the layer below and carries out the deletions and opaque directories of the layer
+    above. It depends on those two layers only, so it can be built once per pair."""
+    deleted: Set[str] = set(above.deleted) if above else set()
+    opaque: Set[str] = {d for d in above.opaque if d} if above else set()
+    # A deleted path the same layer also writes below (or makes opaque) was deleted
+    # and recreated: it is an opaque directory.
+    recreated = {d for d in deleted if d in opaque or _below_any_entry(d, deleted | opaque)}
+    deleted -= recreated
+    opaque |= recreated
+    # Markers of the layer below under a deleted or opaque path are hidden already.
+    hidden_by = deleted | opaque
+    markers = {m for m in (below.markers if below else ()) if not _below_any(m, hidden_by)}
+    return MaskPlan(deleted | markers, opaque)
+
+
 def plan_masks(layers: Sequence[LayerMarkers]) -> List[MaskPlan]:
     """mask[k] for k = 0..n, given the markers of layers 1..n (index 0 = layer 1)."""
     n = len(layers)
-    plans = []
-    for k in range(n + 1):
-        below = layers[k - 1] if k >= 1 else None
-        above = layers[k] if k < n else None
-        deleted: Set[str] = set(above.deleted) if above else set()
-        opaque: Set[str] = {d for d in above.opaque if d} if above else set()
-        # A deleted path the same layer also writes below (or makes opaque) was deleted
-        # and recreated: it is an opaque directory.
-        recreated = {d for d in deleted if d in opaque or _below_any_entry(d, deleted | opaque)}
-        deleted -= recreated
-        opaque |= recreated
-        # Markers of the layer below under a deleted or opaque path are hidden already.
-        hidden_by = deleted | opaque
-        markers = {m for m in (below.markers if below else ()) if not _below_any(m, hidden_by)}
-        plans.append(MaskPlan(deleted | markers, opaque))
-    return plans
+    return [pair_mask(layers[k - 1] if k >= 1 else None, layers[k] if k < n else None)
+            for k in range(n + 1)]
 
 
 def _below_any_entry(d: str, entries: Set[str]) -> bool:
