@@ -7,7 +7,8 @@
 #
 # GOPATH: conformance/gopath (our small test programs, and stand-ins for the few moby
 # packages Debian does not ship) first, then Debian's /usr/share/gocode.
-GO_APT_PACKAGES=(golang-go golang-github-docker-docker-dev golang-github-containerd-containerd-dev)
+GO_APT_PACKAGES=(golang-go golang-github-docker-docker-dev golang-github-containerd-containerd-dev
+  golang-github-vbatts-tar-split-dev golang-github-gotestyourself-gotest.tools-dev)  # last two: graphtest's imports
 
 _go_missing=()
 for _p in "${GO_APT_PACKAGES[@]}"; do

@@ -16,4 +16,7 @@ echo "== lint (ruff) and type check (mypy)"
 echo "== driver tests (pytest)"
 (cd driver && ../.venv/bin/python -m pytest "$@")
 
+echo "== moby graphtest (moby's graph-driver conformance suite against the plugin)"
+bash scripts/graphtest.sh
+
 bash scripts/test-provisioning.sh
