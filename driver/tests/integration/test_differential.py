@@ -9,9 +9,14 @@ the same Dockerfile is built directly on our driver and must give the same files
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
 import os
 import stat
-from typing import Dict, List
+import tarfile
+from typing import Dict, List, Tuple
 
 import images
 import pytest
@@ -219,6 +224,178 @@ def test_committed_layer_tar_matches_overlay2(ref_dockerd: Dockerd, dockerd: Doc
     assert images.layer_names(ours_layers[-1]) == images.layer_names(ref_layers[-1])
     # The lower layers are the loaded ones: byte-for-byte what overlay2 saved.
     assert ours_layers[:-1] == ref_layers[:-1]
+
+
+# ---------------------------------------------------------------------------- diff ID
+
+DIFF_ID_MTIME = 1_700_000_000
+# The same changes under each daemon, then one mtime on every path that reaches the upper
+# dir: what the script made or changed, and every directory copied up on the way (from
+# /data down). Only the whiteouts are out of reach: a container cannot see them, and the
+# kernel makes them all links to one whiteout inode created at the time of the first
+# deletion; the test gives them the same mtime from the host.
+DIFF_ID_SCRIPT = f"""\
+set -e; cd /data
+echo added > new-file
+ln new-file new-hl
+mkdir -p new-dir/sub; echo n > new-dir/sub/f
+echo more >> keep/file
+rm links/h2
+ln -s ../new-file links/new-sym
+rm -rf tree/a/b
+chmod 600 tree/a/top
+rm -rf opq; mkdir opq; echo again > opq/again
+echo s > setuid-file; chmod 4755 setuid-file
+chown 42:43 owned/file
+chmod 4711 modes/sgid
+chmod 0750 cap/netraw
+ln -s /gone/away new-dangling
+mkfifo new-fifo
+touch -h -d @{DIFF_ID_MTIME} . new-file new-hl new-dir new-dir/sub new-dir/sub/f keep \\
+    keep/file links links/new-sym tree tree/a tree/a/top opq opq/again setuid-file \\
+    owned owned/file modes modes/sgid cap cap/netraw new-dangling new-fifo
+"""
+
+
+def _native_diff(d: Dockerd) -> str:
+    return dict(d.info()["DriverStatus"]).get("Native Overlay Diff", "?")
+
+
+def _upper_dir(d: Dockerd, container: str) -> str:
+    return json.loads(d.out("inspect", "-f", "{{json .GraphDriver.Data}}",
+                            container))["UpperDir"]
+
+
+def _upper_listing(upper: str) -> Dict[str, tuple]:
+    """What moby's archiver reads from an upper dir, for every entry in it."""
+    out: Dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            xattrs = []
+            for key in ("security.capability", "trusted.overlay.opaque"):
+                with contextlib.suppress(OSError):
+                    xattrs.append((key, os.getxattr(full, key, follow_symlinks=False)))
+            digest = ""
+            if stat.S_ISREG(st.st_mode):
+                with open(full, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()[:16]
+            out[os.path.relpath(full, upper)] = (
+                stat.S_IFMT(st.st_mode), oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid,
+                st.st_size if stat.S_ISREG(st.st_mode) else 0, st.st_nlink, st.st_rdev,
+                os.readlink(full) if stat.S_ISLNK(st.st_mode) else "", digest, tuple(xattrs),
+                st.st_mtime_ns,
+            )
+    return out
+
+
+def _whiteouts_to_fixed_mtime(upper: str) -> None:
+    for dirpath, _, filenames in os.walk(upper):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            st = os.lstat(full)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                ns = DIFF_ID_MTIME * 1_000_000_000
+                os.utime(full, ns=(ns, ns), follow_symlinks=False)
+
+
+_HEADER_FIELDS = (("name", 100), ("mode", 8), ("uid", 8), ("gid", 8), ("size", 12),
+                  ("mtime", 12), ("chksum", 8), ("typeflag", 1), ("linkname", 100),
+                  ("magic", 6), ("version", 2), ("uname", 32), ("gname", 32),
+                  ("devmajor", 8), ("devminor", 8), ("prefix", 155), ("pad", 12))
+
+
+def _first_difference(ours: bytes, ref: bytes) -> str:
+    """Where two layer tars first differ: which entry, which header field, both values."""
+    off = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b),
+               min(len(ours), len(ref)))
+    where = "after the last entry"
+    with tarfile.open(fileobj=io.BytesIO(ref), mode="r:") as tf:
+        for m in tf.getmembers():
+            if m.offset <= off < m.offset_data + (m.size + 511) // 512 * 512:
+                if off >= m.offset_data:
+                    return f"first difference at byte {off}: content of {m.name!r}"
+                start = m.offset_data - 512
+                where = f"an extended (PAX) header before {m.name!r}"
+                if off >= start:
+                    where = f"the header of {m.name!r}"
+                    pos = start
+                    for field, size in _HEADER_FIELDS:
+                        if pos <= off < pos + size:
+                            return (f"first difference at byte {off}: {where}, field {field}: "
+                                    f"ours {ours[pos:pos + size]!r}, "
+                                    f"overlay2 {ref[pos:pos + size]!r}")
+                        pos += size
+                break
+    return f"first difference at byte {off}: {where}"
+
+
+def _diff_id_of_change(d: Dockerd, name: str, tag: str) -> Tuple[str, Dict[str, tuple]]:
+    """Run the script in a container, fix the whiteouts' mtime, commit: (diff ID, upper)."""
+    d.docker("rm", "-f", name, check=False)
+    d.docker("run", "--name", name, "--network", "none", REF_TAG, "sh", "-c", DIFF_ID_SCRIPT)
+    upper = _upper_dir(d, name)
+    _whiteouts_to_fixed_mtime(upper)
+    listing = _upper_listing(upper)
+    d.docker("commit", name, tag)
+    layers = json.loads(d.out("inspect", "-f", "{{json .RootFS.Layers}}", tag))
+    return layers[-1], listing
+
+
+def test_committed_diff_id_matches_overlay2(ref_dockerd: Dockerd, dockerd: Dockerd,
+                                            loaded_image: str):
+    """The same change committed under both drivers is the same layer, to the byte: same
+    diff ID (the sha256 of the layer tar), so images built here and under overlay2 share
+    their layers."""
+    native = (_native_diff(dockerd), _native_diff(ref_dockerd))
+    assert native[0] == native[1], f"Native Overlay Diff: ours {native[0]}, overlay2 {native[1]}"
+    if native != ("true", "true"):
+        pytest.skip("this kernel makes both drivers use the naive diff (redirect_dir), whose "
+                    "whiteouts carry the time of the diff: no two diff IDs can agree")
+    name, tag = "cgd-diff-id", "cgd-diff:diff-id"
+    try:
+        ours_id, ours_upper = _diff_id_of_change(dockerd, name, tag)
+        ref_id, ref_upper = _diff_id_of_change(ref_dockerd, name, tag)
+
+        # The script's changes are really there, and nothing kept its own mtime: otherwise
+        # the comparison below would be about the test, not the driver.
+        for path, kind in (("data/links/h2", stat.S_IFCHR), ("data/tree/a/b", stat.S_IFCHR),
+                           ("data/opq", stat.S_IFDIR), ("data/new-hl", stat.S_IFREG),
+                           ("data/links/new-sym", stat.S_IFLNK), ("data/new-fifo", stat.S_IFIFO)):
+            assert ref_upper.get(path, (None,))[0] == kind, (path, ref_upper.get(path))
+        assert ref_upper["data/opq"][9] == (("trusted.overlay.opaque", b"y"),)
+        assert ref_upper["data/cap/netraw"][9][0][0] == "security.capability"
+        assert ref_upper["data/new-hl"][5] == 2 and ref_upper["data/setuid-file"][1] == "0o4755"
+        stray = sorted(p for p, e in ref_upper.items()
+                       if e[10] != DIFF_ID_MTIME * 1_000_000_000)
+        assert not stray, f"upper-dir entries the test left with their own mtime: {stray}"
+        assert_same_manifest(ours_upper, ref_upper, "upper dir of the changed container")
+
+        ours_layer = images.saved_layers(dockerd, tag)[-1]
+        ref_layer = images.saved_layers(ref_dockerd, tag)[-1]
+        names = set(images.layer_names(ref_layer))
+        assert {"data/links/.wh.h2", "data/tree/a/.wh.b", "data/opq/.wh..wh..opq",
+                "data/opq/again", "data/new-hl", "data/cap/netraw"} <= names, sorted(names)
+        assert ours_id == ref_id, (
+            f"diff IDs differ: ours {ours_id}, overlay2 {ref_id}\n"
+            f"  saved layer tars: ours {len(ours_layer)} bytes, overlay2 {len(ref_layer)} bytes"
+            f"\n  {_first_difference(ours_layer, ref_layer)}"
+            "\n  entries only in ours:     "
+            + "\n                            ".join(
+                map(repr, sorted(images.layer_entries(ours_layer)
+                                 - images.layer_entries(ref_layer))))
+            + "\n  entries only in overlay2: "
+            + "\n                            ".join(
+                map(repr, sorted(images.layer_entries(ref_layer)
+                                 - images.layer_entries(ours_layer))))
+        )
+        assert ours_layer == ref_layer
+        assert ref_id == "sha256:" + hashlib.sha256(ref_layer).hexdigest()
+    finally:
+        for d in (dockerd, ref_dockerd):
+            d.docker("rm", "-f", name, check=False)
+            d.docker("rmi", tag, check=False)
 
 
 # ---------------------------------------------------------------------------- build
