@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="repositories thin images may use (replaces the configured list)")
     show = sub.add_parser("show-config", help="print the effective configuration")
     show.add_argument("--config", metavar="FILE", help="configuration file to read")
+    _snapshotter_parser(sub)
     return p
 
 
@@ -96,11 +97,67 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- snapshotter
+# The containerd snapshotter face (package .snapshotter). It needs grpcio and protobuf,
+# so it is imported only here, when the command runs: `serve` stays standard-library only.
+
+SNAPSHOTTER_DEPS_HINT = (
+    "the snapshotter needs the Python packages grpcio and protobuf: "
+    "pip install 'cvmfs-graphdriver[snapshotter]' "
+    "(or on Debian 12: apt-get install python3-grpcio python3-protobuf)"
+)
+
+
+def _snapshotter_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("snapshotter",
+                       help="serve containerd's Snapshots API (a containerd proxy plugin)")
+    s.add_argument("--config", metavar="FILE",
+                   help=f"configuration file (default {DEFAULT_CONFIG_PATH}, optional)")
+    s.add_argument("--socket", metavar="PATH",
+                   help="unix socket to listen on (default "
+                   "/run/cvmfs-graphdriver/snapshotter.sock)")
+    s.add_argument("--home", metavar="DIR",
+                   help="where snapshots live (default /var/lib/cvmfs-graphdriver/snapshotter)")
+    s.add_argument("--log-level", choices=LOG_LEVELS)
+    s.add_argument("--cvmfs-root", metavar="DIR",
+                   help="where CVMFS repositories are mounted (default /cvmfs)")
+    s.add_argument("--repositories", metavar="REPO[,REPO...]",
+                   help="repositories remote layers may come from (replaces the configured "
+                   "list)")
+
+
+def snapshotter(args: argparse.Namespace) -> int:
+    cfg = load(args.config).replace(
+        snapshotter_socket=args.socket,
+        snapshotter_home=None if args.home is None else os.path.abspath(args.home),
+        log_level=args.log_level, cvmfs_root=args.cvmfs_root,
+        repositories=None if args.repositories is None else parse_list(args.repositories),
+    )
+    try:
+        from .snapshotter import service
+    except ImportError as e:
+        print(f"cvmfs-graphdriver: {SNAPSHOTTER_DEPS_HINT} ({e})", file=sys.stderr)
+        return 2
+    from .snapshotter.errdefs import SnapshotterError
+    from .snapshotter.metastore import MetaStoreError
+
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return service.run(cfg.snapshotter_home, cfg.snapshotter_socket,
+                           sync_commits=cfg.sync_layers)
+    except (SnapshotterError, MetaStoreError) as e:
+        print(f"cvmfs-graphdriver: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "snapshotter":
+            return snapshotter(args)
         if args.command == "show-config":
             cfg = load(args.config)
             for key, value in vars(cfg).items():

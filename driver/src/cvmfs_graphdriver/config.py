@@ -14,6 +14,14 @@
     cvmfs_root = /cvmfs
     # Repositories thin images may use (comma separated). Empty: thin images are refused.
     repositories =
+
+    [snapshotter]
+    # The containerd snapshotter face (`cvmfs-graphdriver snapshotter`); [driver]'s
+    # log_level, sync_layers, cvmfs_root and repositories apply to it too.
+    # Unix socket containerd's [proxy_plugins.cvmfs] address points at.
+    socket = /run/cvmfs-graphdriver/snapshotter.sock
+    # Where snapshots and their metadata live (not on overlayfs).
+    home = /var/lib/cvmfs-graphdriver/snapshotter
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from typing import Any, Dict, Optional, Tuple
 
 DEFAULT_CONFIG_PATH = "/etc/cvmfs-graphdriver/config.ini"
 SECTION = "driver"
+SNAPSHOTTER_SECTION = "snapshotter"
+# [snapshotter] keys -> Config fields (kept apart from [driver]'s keys)
+SNAPSHOTTER_KEYS = {"socket": "snapshotter_socket", "home": "snapshotter_home"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -40,6 +51,9 @@ class Config:
     sync_layers: bool = True
     cvmfs_root: str = "/cvmfs"
     repositories: Tuple[str, ...] = ()
+    # [snapshotter] section
+    snapshotter_socket: str = "/run/cvmfs-graphdriver/snapshotter.sock"
+    snapshotter_home: str = "/var/lib/cvmfs-graphdriver/snapshotter"
 
     def replace(self, **changes: Any) -> Config:
         return validate(dataclasses.replace(self, **{k: v for k, v in changes.items()
@@ -60,6 +74,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"log_level = {cfg.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
     if not os.path.isabs(cfg.socket):
         raise ConfigError(f"socket = {cfg.socket!r}: must be an absolute path")
+    for key, field in SNAPSHOTTER_KEYS.items():
+        if not os.path.isabs(getattr(cfg, field)):
+            raise ConfigError(f"[{SNAPSHOTTER_SECTION}] {key} = {getattr(cfg, field)!r}: "
+                              "must be an absolute path")
     if not os.path.isabs(cfg.cvmfs_root):
         raise ConfigError(f"cvmfs_root = {cfg.cvmfs_root!r}: must be an absolute path")
     from .thin import DescriptorError, check_repository_name
@@ -83,11 +101,21 @@ def parse(text: str, source: str = "<config>") -> Config:
         parser.read_string(text, source=source)
     except configparser.Error as e:
         raise ConfigError(f"{source}: {e}") from None
-    known = {f.name: f for f in dataclasses.fields(Config)}
+    known = {f.name: f for f in dataclasses.fields(Config)
+             if f.name not in SNAPSHOTTER_KEYS.values()}
     values: Dict[str, Any] = {}
     for section in parser.sections():
+        if section == SNAPSHOTTER_SECTION:
+            for key, raw in parser.items(section):
+                if key not in SNAPSHOTTER_KEYS:
+                    raise ConfigError(
+                        f"{source}: unknown key {key!r} in [{SNAPSHOTTER_SECTION}]; known "
+                        "keys: " + ", ".join(sorted(SNAPSHOTTER_KEYS)))
+                values[SNAPSHOTTER_KEYS[key]] = raw
+            continue
         if section != SECTION:
-            raise ConfigError(f"{source}: unknown section [{section}] (expected [{SECTION}])")
+            raise ConfigError(f"{source}: unknown section [{section}] (expected [{SECTION}] "
+                              f"or [{SNAPSHOTTER_SECTION}])")
         for key, raw in parser.items(section):
             if key not in known:
                 raise ConfigError(

@@ -1,0 +1,51 @@
+"""The snapshotter's home, laid out as containerd's overlayfs snapshotter lays out its root.
+
+    <home>/metadata.db             snapshot metadata (SQLite, see metastore.py)
+    <home>/snapshots/<id>/fs/      the snapshot's files: the upper dir of an active
+                                   snapshot, a lower dir once committed
+    <home>/snapshots/<id>/work/    overlay work dir (active snapshots only)
+    <home>/staging/                new snapshot directories being made (renamed into
+                                   snapshots/ when their metadata commits) and removed
+                                   ones being deleted; nothing in it is ever in use
+
+<id> is the metastore's integer id. Pure naming: no system calls.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+SNAPSHOTS_DIR = "snapshots"
+STAGING_DIR = "staging"
+METADATA_DB = "metadata.db"
+
+
+@dataclass(frozen=True)
+class SnapshotterLayout:
+    home: str
+
+    @property
+    def snapshots(self) -> str:
+        return os.path.join(self.home, SNAPSHOTS_DIR)
+
+    @property
+    def staging(self) -> str:
+        return os.path.join(self.home, STAGING_DIR)
+
+    @property
+    def metadata_db(self) -> str:
+        return os.path.join(self.home, METADATA_DB)
+
+    def dir(self, snapshot_id: str) -> str:
+        if not snapshot_id.isdigit():
+            raise ValueError(f"invalid snapshot id {snapshot_id!r}")
+        return os.path.join(self.snapshots, snapshot_id)
+
+    def fs(self, snapshot_id: str) -> str:
+        """containerd's upperPath(id)."""
+        return os.path.join(self.dir(snapshot_id), "fs")
+
+    def work(self, snapshot_id: str) -> str:
+        """containerd's workPath(id)."""
+        return os.path.join(self.dir(snapshot_id), "work")

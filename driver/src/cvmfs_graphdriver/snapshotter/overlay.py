@@ -1,0 +1,320 @@
+"""The snapshotter: containerd 1.6's overlayfs snapshotter (snapshots/overlay/overlay.go),
+in Python, over the SQLite metastore.
+
+Every operation has containerd's semantics and error classes: keys and committed names
+share one namespace; parents must be committed; `Commit` renames an active snapshot to
+a name (labels replaced, usage recorded); `Remove` refuses a snapshot with children and
+deletes its directory (and any other orphaned one) right away; `Usage` walks the upper
+dir of an active snapshot and returns the recorded figure otherwise; `Cleanup` deletes
+directories no snapshot owns.
+
+Crash safety. A new snapshot's directory is built in `staging/`, then, inside the
+metadata transaction that records it, renamed to `snapshots/<id>` and the parent
+directory flushed; the transaction commits last. Killed at any point, the daemon
+restarts with the snapshot fully there (metadata and directory) or absent (at most a
+directory without metadata, which `Cleanup` and the next `Remove` delete; a later
+snapshot given the same id by a rolled-back sequence replaces it). Removal is the
+reverse: metadata first, then the directory is renamed into `staging/` and deleted.
+`staging/` is emptied at start. The daemon never mounts or unmounts snapshots, so
+restarting it does not disturb running containers.
+
+Remote snapshots: a committed snapshot recorded with a `remote` object (see
+`commit_remote`) has no `fs/` of its own; the resolver registered for its "type"
+returns its lower directories when a child is mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import threading
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+from .. import mounts as host_mounts
+from ..files import fsync_dir
+from .errdefs import FailedPrecondition, InvalidArgument, SnapshotterError
+from .layout import SnapshotterLayout
+from .metastore import (
+    KIND_ACTIVE,
+    KIND_VIEW,
+    Info,
+    Lower,
+    MetaStore,
+    Snapshot,
+    Usage,
+)
+from .mountspec import Mount, MountOptions, needs_userxattr, snapshot_mounts, supports_index
+
+log = logging.getLogger(__name__)
+
+# Lower directories (top first) of a remote committed snapshot.
+RemoteResolver = Callable[[SnapshotterLayout, Lower], List[str]]
+
+BLOCK_UNIT = 512  # st_blocks unit
+
+
+def disk_usage(root: str) -> Usage:
+    """containerd's fs.DiskUsage: every inode under `root` (itself included, hard links
+    once) and its allocated blocks, without following symlinks."""
+    seen = set()
+    size = 0
+    stack = [root]
+    while stack:
+        path = stack.pop()
+        st = os.lstat(path)
+        key = (st.st_dev, st.st_ino)
+        if key not in seen:
+            seen.add(key)
+            size += st.st_blocks * BLOCK_UNIT
+        if stat.S_ISDIR(st.st_mode):
+            with os.scandir(path) as it:
+                stack.extend(e.path for e in it)
+    return Usage(size=size, inodes=len(seen))
+
+
+def _remove_tree(path: str) -> None:
+    def onerror(_func: Any, failed: str, exc: Any) -> None:
+        err = exc[1] if isinstance(exc, tuple) else exc
+        if isinstance(err, FileNotFoundError):
+            return
+        log.warning("failed to remove %s: %s", failed, err)
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+class OverlaySnapshotter:
+    """containerd's overlayfs snapshotter over `home` (see layout.py)."""
+
+    def __init__(self, home: str, *, sync_commits: bool = True,
+                 index_off: Optional[bool] = None, userxattr: Optional[bool] = None) -> None:
+        self.layout = SnapshotterLayout(os.path.abspath(home))
+        self.sync_commits = sync_commits
+        self._resolvers: Dict[str, RemoteResolver] = {}
+        self._closed = False
+        self._removing = threading.Lock()  # serialises directory deletions (not metadata)
+        home = self.layout.home
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        for d in (self.layout.snapshots, self.layout.staging):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d, 0o700)
+        if host_mounts.fs_magic(home) == host_mounts.OVERLAY_MAGIC:
+            raise SnapshotterError(
+                f"{home} is on overlayfs, which cannot hold overlay upper directories: "
+                "choose a home on a regular filesystem (--home)")
+        if not host_mounts.supports_d_type(home):
+            raise SnapshotterError(
+                f"{home} does not support d_type. If the backing filesystem is xfs, please "
+                "reformat with ftype=1 to enable d_type support")
+        self.ms = MetaStore(self.layout.metadata_db)
+        self.options = MountOptions(
+            index_off=supports_index() if index_off is None else index_off,
+            userxattr=needs_userxattr(home) if userxattr is None else userxattr)
+        for leftover in os.listdir(self.layout.staging):  # nothing in staging/ is in use
+            _remove_tree(os.path.join(self.layout.staging, leftover))
+
+    # ------------------------------------------------------------------ remote hook
+
+    def register_remote(self, kind: str, resolver: RemoteResolver) -> None:
+        """Mount remote committed snapshots whose record has "type": `kind` with the
+        directories `resolver` returns (top first)."""
+        self._resolvers[kind] = resolver
+
+    def commit_remote(self, name: str, parent: str, remote: Mapping[str, Any],
+                      labels: Optional[Mapping[str, str]] = None,
+                      usage: Optional[Usage] = None,
+                      populate: Optional[Callable[[str], None]] = None) -> str:
+        """Record a committed snapshot `name` on `parent` whose files live elsewhere.
+
+        `snapshots/<id>/` is created for it (empty, for masks and the like); `populate`,
+        if given, fills the staging copy of that directory before it is renamed into place,
+        inside the transaction. Returns the id. Errors as Prepare's (AlreadyExists when
+        `name` exists, NotFound / InvalidArgument for the parent)."""
+        with self.ms.transaction(write=True) as tx:
+            td = tempfile.mkdtemp(prefix="new-", dir=self.layout.staging)
+            try:
+                sid = tx.create_committed(name, parent, remote, usage or Usage(), labels)
+                if populate is not None:
+                    populate(td)
+                self._put_in_place(td, sid)
+            except BaseException:
+                _remove_tree(td)
+                raise
+        return sid
+
+    # ------------------------------------------------------------------ API
+
+    def stat(self, key: str) -> Info:
+        with self.ms.transaction() as tx:
+            return tx.get_info(key)[1]
+
+    def update(self, name: str, labels: Optional[Mapping[str, str]],
+               fieldpaths: Sequence[str] = ()) -> Info:
+        with self.ms.transaction(write=True) as tx:
+            return tx.update_info(name, labels, fieldpaths)
+
+    def usage(self, key: str) -> Usage:
+        with self.ms.transaction() as tx:
+            sid, info, usage = tx.get_info(key)
+        if info.kind == KIND_ACTIVE:
+            return disk_usage(self.layout.fs(sid))
+        return usage
+
+    def prepare(self, key: str, parent: str,
+                labels: Optional[Mapping[str, str]] = None) -> List[Mount]:
+        return self._create(KIND_ACTIVE, key, parent, labels)
+
+    def view(self, key: str, parent: str,
+             labels: Optional[Mapping[str, str]] = None) -> List[Mount]:
+        return self._create(KIND_VIEW, key, parent, labels)
+
+    def mounts(self, key: str) -> List[Mount]:
+        try:
+            with self.ms.transaction() as tx:
+                snap = tx.get_snapshot(key)
+        except SnapshotterError as e:
+            raise e.wrap("failed to get active mount") from None
+        return self._mounts(snap)
+
+    def commit(self, name: str, key: str,
+               labels: Optional[Mapping[str, str]] = None) -> None:
+        with self.ms.transaction() as tx:
+            sid = tx.get_info(key)[0]
+        usage = disk_usage(self.layout.fs(sid))
+        if self.sync_commits:
+            host_mounts.syncfs(self.layout.fs(sid))
+        with self.ms.transaction(write=True) as tx:
+            now_id = tx.get_info(key)[0]
+            if now_id != sid:  # removed and prepared again meanwhile: measure that one
+                usage = disk_usage(self.layout.fs(now_id))
+            try:
+                tx.commit_active(key, name, usage, labels)
+            except SnapshotterError as e:
+                raise e.wrap("failed to commit snapshot") from None
+
+    def remove(self, key: str) -> None:
+        with self.ms.transaction(write=True) as tx:
+            try:
+                tx.remove(key)
+            except SnapshotterError as e:
+                raise e.wrap("failed to remove") from None
+            trash = self._orphans_to_staging(tx.id_map())
+        self._delete(trash)
+
+    def walk(self, filter_strings: Sequence[str] = ()) -> List[Info]:
+        with self.ms.transaction() as tx:
+            return tx.walk(filter_strings)
+
+    def cleanup(self) -> None:
+        with self.ms.transaction(write=True) as tx:
+            trash = self._orphans_to_staging(tx.id_map())
+            trash += [os.path.join(self.layout.staging, n)
+                      for n in os.listdir(self.layout.staging)
+                      if os.path.join(self.layout.staging, n) not in trash]
+        self._delete(trash)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.ms.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _create(self, kind: int, key: str, parent: str,
+                labels: Optional[Mapping[str, str]]) -> List[Mount]:
+        with self.ms.transaction(write=True) as tx:
+            td = tempfile.mkdtemp(prefix="new-", dir=self.layout.staging)
+            try:
+                os.mkdir(os.path.join(td, "fs"))
+                os.chmod(os.path.join(td, "fs"), 0o755)
+                if kind == KIND_ACTIVE:
+                    os.mkdir(os.path.join(td, "work"))
+                    os.chmod(os.path.join(td, "work"), 0o711)
+                try:
+                    snap = tx.create_snapshot(kind, key, parent, labels)
+                except SnapshotterError as e:
+                    raise e.wrap("failed to create snapshot") from None
+                if snap.parents:
+                    top = self._lower_dirs(snap.parents[:1])[0]
+                    try:
+                        st = os.stat(top)
+                    except OSError as e:
+                        raise FailedPrecondition(
+                            f"failed to stat parent: {e.strerror}: {top}") from None
+                    os.lchown(os.path.join(td, "fs"), st.st_uid, st.st_gid)
+                mounts = self._mounts(snap)  # resolves remote parents before commit
+                self._put_in_place(td, snap.id)
+            except BaseException:
+                _remove_tree(td)
+                raise
+        return mounts
+
+    def _put_in_place(self, staged: str, sid: str) -> None:
+        """Rename a staged directory to snapshots/<id>, durably (inside the transaction)."""
+        fsync_dir(staged)
+        target = self.layout.dir(sid)
+        if os.path.lexists(target):
+            # Left by a create whose transaction never committed (same id, sequence
+            # rolled back): no snapshot owns it.
+            log.warning("replacing leftover directory %s of an unrecorded snapshot", target)
+            _remove_tree(target)
+        os.rename(staged, target)
+        fsync_dir(self.layout.snapshots)
+
+    def _lower_dirs(self, parents: Iterable[Lower]) -> List[str]:
+        dirs: List[str] = []
+        for p in parents:
+            if p.remote is None:
+                dirs.append(self.layout.fs(p.id))
+                continue
+            kind = p.remote.get("type")
+            resolver = self._resolvers.get(kind) if isinstance(kind, str) else None
+            if resolver is None:
+                raise FailedPrecondition(
+                    f"snapshot {p.id} is a remote snapshot of type {kind!r}, which this "
+                    "daemon cannot mount")
+            resolved = resolver(self.layout, p)
+            if not resolved:
+                raise FailedPrecondition(f"remote snapshot {p.id} resolved to no directory")
+            dirs.extend(resolved)
+        return dirs
+
+    def _mounts(self, snap: Snapshot) -> List[Mount]:
+        return snapshot_mounts(
+            active=snap.kind == KIND_ACTIVE, upper=self.layout.fs(snap.id),
+            work=self.layout.work(snap.id), lowers=self._lower_dirs(snap.parents),
+            opts=self.options)
+
+    def _orphans_to_staging(self, ids: Mapping[str, str]) -> List[str]:
+        """Move every snapshots/ entry no snapshot owns into staging/ (under the
+        transaction, so no create is half-way); returns their new paths."""
+        moved = []
+        for name in os.listdir(self.layout.snapshots):
+            if name in ids:
+                continue
+            src = os.path.join(self.layout.snapshots, name)
+            dst = tempfile.mkdtemp(prefix=f"rm-{name}-", dir=self.layout.staging)
+            try:
+                os.rename(src, os.path.join(dst, "d"))
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.warning("cannot move %s aside for removal: %s", src, e)
+            moved.append(dst)
+        return moved
+
+    def _delete(self, paths: Sequence[str]) -> None:
+        with self._removing:
+            for path in paths:
+                _remove_tree(path)
+
+
+def validate_labels(labels: Mapping[str, str]) -> None:
+    """containerd's labels.Validate: a key and value together at most 4096 bytes."""
+    for k, v in labels.items():
+        if len(k.encode()) + len(v.encode()) > 4096:
+            raise InvalidArgument(
+                f"label key and value greater than maximum size (4096 bytes), key: {k[:10]}")

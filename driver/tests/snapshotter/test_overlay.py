@@ -1,0 +1,259 @@
+"""The snapshotter in process: the mounts it returns (pure), then real directories and real
+overlay mounts (root): crash leftovers, Cleanup, the remote-snapshot hook."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from sntools import mounted, need
+
+from cvmfs_graphdriver.snapshotter.errdefs import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from cvmfs_graphdriver.snapshotter.metastore import KIND_ACTIVE, KIND_COMMITTED, Lower, Usage
+from cvmfs_graphdriver.snapshotter.mountspec import (
+    Mount,
+    MountOptions,
+    running_in_userns,
+    snapshot_mounts,
+)
+from cvmfs_graphdriver.snapshotter.overlay import OverlaySnapshotter, disk_usage
+
+# ------------------------------------------------------------------ mounts (pure)
+
+IDX = MountOptions(index_off=True)
+
+
+def test_no_parent_is_a_bind_mount_rw_or_ro():
+    assert snapshot_mounts(True, "/s/1/fs", "/s/1/work", [], IDX) == [
+        Mount("bind", "/s/1/fs", ("rw", "rbind"))]
+    assert snapshot_mounts(False, "/s/1/fs", "/s/1/work", [], IDX) == [
+        Mount("bind", "/s/1/fs", ("ro", "rbind"))]
+
+
+def test_a_view_of_one_lower_is_a_read_only_bind_of_it():
+    assert snapshot_mounts(False, "/s/2/fs", "/s/2/work", ["/s/1/fs"], IDX) == [
+        Mount("bind", "/s/1/fs", ("ro", "rbind"))]
+
+
+def test_overlay_options_in_containerds_order():
+    lowers = ["/s/3/fs", "/s/1/fs"]
+    assert snapshot_mounts(True, "/s/4/fs", "/s/4/work", lowers,
+                           MountOptions(index_off=True, userxattr=True)) == [
+        Mount("overlay", "overlay", ("index=off", "userxattr", "workdir=/s/4/work",
+                                     "upperdir=/s/4/fs", "lowerdir=/s/3/fs:/s/1/fs"))]
+    assert snapshot_mounts(True, "/s/4/fs", "/s/4/work", ["/s/1/fs"], MountOptions()) == [
+        Mount("overlay", "overlay", ("workdir=/s/4/work", "upperdir=/s/4/fs",
+                                     "lowerdir=/s/1/fs"))]
+    assert snapshot_mounts(False, "/s/4/fs", "/s/4/work", lowers, IDX) == [
+        Mount("overlay", "overlay", ("index=off", "lowerdir=/s/3/fs:/s/1/fs"))]
+
+
+def test_userns_detection_reads_uid_map(tmp_path):
+    host = tmp_path / "host"
+    host.write_text("         0          0 4294967295\n")
+    inner = tmp_path / "inner"
+    inner.write_text("         0     100000      65536\n")
+    assert running_in_userns(str(host)) is False
+    assert running_in_userns(str(inner)) is True
+
+
+# ------------------------------------------------------------------ real directories
+
+
+@pytest.fixture
+def sn(tmp_path):
+    need(os.geteuid() == 0, "needs root (chown, overlay mounts)")
+    s = OverlaySnapshotter(str(tmp_path / "home"), sync_commits=False)
+    yield s
+    s.close()
+
+
+def test_layout_modes_and_owner_of_new_snapshot(sn, tmp_path):
+    sn.prepare("a", "")
+    fs = sn.layout.fs("1")
+    assert oct(os.stat(fs).st_mode & 0o7777) == "0o755"
+    assert oct(os.stat(sn.layout.work("1")).st_mode & 0o7777) == "0o711"
+    os.chown(fs, 1234, 5678)  # the new snapshot's fs/ takes its parent's owner
+    sn.commit("A", "a")
+    sn.prepare("b", "A")
+    st = os.stat(sn.layout.fs("2"))
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    sn.view("v", "")
+    assert not os.path.exists(sn.layout.work("3"))  # views have no work dir
+    assert sorted(os.listdir(sn.layout.snapshots)) == ["1", "2", "3"]
+    assert os.listdir(sn.layout.staging) == []
+
+
+def test_files_written_through_the_mounts_stack_up(sn, tmp_path):
+    with mounted(sn.prepare("a", ""), str(tmp_path / "m1")) as m:
+        os.mkdir(f"{m}/dir")
+        for name in ("keep", "gone", "dir/old"):
+            with open(f"{m}/{name}", "w") as f:
+                f.write(name)
+    sn.commit("A", "a")
+    with mounted(sn.prepare("b", "A"), str(tmp_path / "m2")) as m:
+        os.remove(f"{m}/gone")
+        subprocess.run(["rm", "-rf", f"{m}/dir"], check=True)
+        os.mkdir(f"{m}/dir")
+        with open(f"{m}/dir/new", "w") as f:
+            f.write("new")
+    assert sn.usage("b").inodes >= 3
+    sn.commit("B", "b")
+    with mounted(sn.view("v", "B"), str(tmp_path / "m3")) as m:
+        assert sorted(os.listdir(m)) == ["dir", "keep"]
+        assert os.listdir(f"{m}/dir") == ["new"]
+        with pytest.raises(OSError):
+            open(f"{m}/x", "w")  # a view is read-only
+
+
+def test_usage_is_containerds_disk_usage(sn, tmp_path):
+    with mounted(sn.prepare("a", ""), str(tmp_path / "m")) as m:
+        with open(f"{m}/f", "wb") as f:
+            f.write(b"x" * 10000)
+        os.link(f"{m}/f", f"{m}/hl")  # counted once
+        os.symlink("f", f"{m}/sym")
+    u = sn.usage("a")
+    assert u == disk_usage(sn.layout.fs("1"))
+    assert u.inodes == 3  # the root, f (with hl), sym
+    sn.commit("A", "a")
+    assert sn.usage("A") == u  # recorded at commit
+    with open(os.path.join(sn.layout.fs("1"), "later"), "w") as f:
+        f.write("not counted any more")
+    assert sn.usage("A") == u
+
+
+def test_errors_and_nothing_changes(sn):
+    sn.prepare("a", "")
+    sn.view("v", "")
+
+    def state():
+        return (sorted(os.listdir(sn.layout.snapshots)), os.listdir(sn.layout.staging),
+                [(i.name, i.kind, i.parent, dict(i.labels)) for i in sn.walk()])
+
+    before = state()
+    with pytest.raises(InvalidArgument, match="failed to create snapshot"):
+        sn.prepare("b", "a")  # parent not committed
+    with pytest.raises(NotFound):
+        sn.view("b", "nope")
+    with pytest.raises(AlreadyExists):
+        sn.prepare("a", "")
+    with pytest.raises(InvalidArgument):
+        sn.prepare("", "")
+    with pytest.raises(NotFound):
+        sn.commit("A", "nope")
+    with pytest.raises(FailedPrecondition, match="not active"):
+        sn.commit("V", "v")
+    with pytest.raises(AlreadyExists):
+        sn.commit("v", "a")
+    with pytest.raises(NotFound, match="failed to remove"):
+        sn.remove("nope")
+    with pytest.raises(InvalidArgument):
+        sn.update("a", {"x": "y"}, ["kind"])
+    with pytest.raises(InvalidArgument):
+        sn.walk(["kind=="])
+    assert state() == before
+    sn.commit("A", "a")
+    with pytest.raises(FailedPrecondition, match="failed to get active mount"):
+        sn.mounts("A")
+
+
+def test_remove_deletes_its_directory_and_orphans(sn):
+    sn.prepare("a", "")
+    orphan = os.path.join(sn.layout.snapshots, "999")
+    os.makedirs(orphan + "/fs")
+    sn.remove("a")
+    assert os.listdir(sn.layout.snapshots) == []
+    assert os.listdir(sn.layout.staging) == []
+
+
+def test_leftovers_of_a_crash_are_cleaned(sn, tmp_path):
+    """What a kill -9 can leave: a staging dir (create interrupted before its rename) and a
+    snapshots/<id> dir whose transaction never committed."""
+    sn.prepare("a", "")
+    os.makedirs(os.path.join(sn.layout.staging, "new-half", "fs"))
+    os.makedirs(os.path.join(sn.layout.snapshots, "2", "fs"))  # id 2: never committed
+    with open(os.path.join(sn.layout.snapshots, "2", "fs", "junk"), "w") as f:
+        f.write("x")
+    home = sn.layout.home
+    sn.close()
+    again = OverlaySnapshotter(home, sync_commits=False)
+    assert os.listdir(again.layout.staging) == []  # emptied at start
+    # the next snapshot gets id 2 again (its create never committed) and a clean directory
+    again.prepare("b", "")
+    assert os.listdir(again.layout.fs("2")) == []
+    os.makedirs(os.path.join(again.layout.snapshots, "77", "fs"))
+    again.cleanup()
+    assert sorted(os.listdir(again.layout.snapshots)) == ["1", "2"]
+    assert [i.name for i in again.walk()] == ["a", "b"]
+    again.close()
+
+
+def test_home_on_overlayfs_is_refused(tmp_path):
+    need(os.geteuid() == 0, "needs root (overlay mount)")
+    for d in ("lower", "upper", "work", "merged"):
+        os.mkdir(tmp_path / d)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={tmp_path}/lower,upperdir={tmp_path}/upper,"
+                    f"workdir={tmp_path}/work", str(tmp_path / "merged")], check=True)
+    try:
+        with pytest.raises(Exception, match="overlayfs"):
+            OverlaySnapshotter(str(tmp_path / "merged" / "home"))
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "merged")], check=False)
+
+
+# ------------------------------------------------------------------ remote hook
+
+
+def test_remote_committed_snapshot_is_mounted_through_its_resolver(sn, tmp_path):
+    """The hook the lazy/thin layers use: a committed snapshot recorded as remote, whose
+    lower directories (a mask over a layer directory) come from a registered resolver."""
+    layer = tmp_path / "cvmfs" / "layerfs"
+    (layer / "etc").mkdir(parents=True)
+    (layer / "etc" / "from-layer").write_text("layer")
+    (layer / "gone").write_text("deleted by the mask")
+    calls = []
+
+    def resolver(layout, lower: Lower):
+        calls.append(lower)
+        return [os.path.join(layout.dir(lower.id), "mask"), lower.remote["dir"]]
+
+    def populate(staged: str) -> None:
+        os.mkdir(os.path.join(staged, "mask"))
+        os.mknod(os.path.join(staged, "mask", "gone"), 0o600 | 0o020000, os.makedev(0, 0))
+
+    sn.register_remote("test-layer", resolver)
+    sid = sn.commit_remote("sha256:chain", "", {"type": "test-layer", "dir": str(layer)},
+                           labels={"containerd.io/snapshot.ref": "sha256:chain"},
+                           populate=populate)
+    with pytest.raises(AlreadyExists):
+        sn.commit_remote("sha256:chain", "", {"type": "test-layer", "dir": str(layer)})
+    info = sn.stat("sha256:chain")
+    assert (info.kind, dict(info.labels)) == (KIND_COMMITTED,
+                                             {"containerd.io/snapshot.ref": "sha256:chain"})
+    assert [i.name for i in sn.walk(
+        ['labels."containerd.io/snapshot.ref"==sha256:chain,parent==""'])] == ["sha256:chain"]
+    assert sn.usage("sha256:chain") == Usage()
+    mounts = sn.prepare("c", "sha256:chain")
+    assert mounts[0].type == "overlay"
+    assert mounts[0].options[-1] == (
+        f"lowerdir={sn.layout.dir(sid)}/mask:{layer}")
+    # a view of a remote parent that expands to two directories is an overlay, not a bind
+    view = sn.view("v", "sha256:chain")
+    assert view[0].type == "overlay" and view[0].options[-1] == mounts[0].options[-1]
+    with mounted(mounts, str(tmp_path / "m")) as m:
+        assert sorted(os.listdir(m)) == ["etc"]
+        assert open(f"{m}/etc/from-layer").read() == "layer"
+    assert all(c.id == sid and c.remote and c.remote["type"] == "test-layer" for c in calls)
+    # an unknown type is refused with a clear error and changes nothing
+    sn.commit_remote("other", "", {"type": "nobody-handles-this"})
+    with pytest.raises(FailedPrecondition, match="nobody-handles-this"):
+        sn.prepare("d", "other")
+    assert "d" not in [i.name for i in sn.walk()]
+    assert sn.stat("c").kind == KIND_ACTIVE
