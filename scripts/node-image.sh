@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# Builds the Debian 12 systemd "worker node" image for Molecule and the demo, without any
-# registry: debootstrap a minimal bookworm with systemd and Python, cache the root file
+# Builds a Debian systemd "worker node" image for Molecule and the demo, without any
+# registry: debootstrap a minimal Debian with systemd and Python, cache the root file
 # system as a tarball under .cache/node-image/, and import it into the dockerd at
 # $DOCKER_HOST (scripts/molecule-dockerd.sh). Reruns reuse the tarball and the image.
 #
-#   bash scripts/node-image.sh            # prints the image name when done
+#   bash scripts/node-image.sh            # Debian 12; prints the image name when done
+#   NODE_SUITE=trixie bash scripts/node-image.sh      # Debian 13 (docker.io 26, containerd 1.7)
 #
-# NODE_IMAGE (default cvmfs-graphdriver/node:debian12) names the image; DEBIAN_MIRROR
-# (default http://deb.debian.org/debian) is where debootstrap and the node fetch packages.
+# NODE_SUITE: bookworm (default) or trixie. NODE_IMAGE (default
+# cvmfs-graphdriver/node:debian12 or :debian13) names the image; DEBIAN_MIRROR (default
+# http://deb.debian.org/debian) is where debootstrap and the node fetch packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE=${NODE_IMAGE:-cvmfs-graphdriver/node:debian12}
+SUITE=${NODE_SUITE:-bookworm}
+case $SUITE in
+  bookworm) release=12 ;;
+  trixie) release=13 ;;
+  *) echo "node-image: NODE_SUITE must be bookworm or trixie, not $SUITE" >&2; exit 2 ;;
+esac
+IMAGE=${NODE_IMAGE:-cvmfs-graphdriver/node:debian$release}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CACHE=.cache/node-image
 # Bump when the package list or the set-up below changes: rebuilds the tarball.
 RECIPE=7
 PACKAGES=systemd,systemd-sysv,dbus,python3,python3-apt,sudo,procps,ca-certificates,iproute2
-TARBALL=$CACHE/debian12-systemd-r$RECIPE.tar
+TARBALL=$CACHE/debian$release-systemd-r$RECIPE.tar
 
 : "${DOCKER_HOST:?set DOCKER_HOST (eval \"\$(bash scripts/molecule-dockerd.sh env)\")}"
 
@@ -32,12 +40,12 @@ if [[ ! -s $TARBALL ]]; then
   mkdir -p "$CACHE"
   rootfs=$(mktemp -d /var/tmp/node-rootfs.XXXXXX)
   trap 'rm -rf "$rootfs"' EXIT
-  echo "node-image: debootstrap bookworm into $rootfs (about a minute)" >&2
-  debootstrap --variant=minbase --include="$PACKAGES" bookworm "$rootfs" "$MIRROR" \
+  echo "node-image: debootstrap $SUITE into $rootfs (about a minute)" >&2
+  debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$rootfs" "$MIRROR" \
     >"$CACHE/debootstrap.log" 2>&1 || { tail -n 30 "$CACHE/debootstrap.log" >&2; exit 1; }
   cat >"$rootfs/etc/apt/sources.list" <<SOURCES
-deb $MIRROR bookworm main
-deb $MIRROR bookworm-updates main
+deb $MIRROR $SUITE main
+deb $MIRROR $SUITE-updates main
 SOURCES
   # A container has no consoles, no udev and no kernel to tune: keep systemd from trying.
   for unit in getty@tty1.service console-getty.service systemd-udevd.service \

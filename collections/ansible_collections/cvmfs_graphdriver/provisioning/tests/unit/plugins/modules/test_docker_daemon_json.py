@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
+import ansible_run
 import pytest
 from ansible_collections.cvmfs_graphdriver.provisioning.plugins.modules import docker_daemon_json as mod
 
-COLLECTIONS_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 7))
 FQCN = "cvmfs_graphdriver.provisioning.docker_daemon_json"
 
 
@@ -70,23 +67,7 @@ def test_render_is_stable_json_with_a_final_newline():
 
 
 def run_module(args: dict, *flags: str) -> dict:
-    """Run the module on localhost through `ansible` and return its result."""
-    env = dict(os.environ,
-               ANSIBLE_COLLECTIONS_PATH=COLLECTIONS_ROOT,
-               ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
-               ANSIBLE_STDOUT_CALLBACK="ansible.builtin.json",
-               ANSIBLE_LOCALHOST_WARNING="0",
-               ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
-               ANSIBLE_PYTHON_INTERPRETER=sys.executable)
-    ansible = os.path.join(os.path.dirname(sys.executable), "ansible")
-    proc = subprocess.run([ansible, "localhost", "-m", FQCN, "-a", json.dumps(args), *flags],
-                          env=env, capture_output=True, text=True, timeout=120)
-    try:
-        out = json.loads(proc.stdout)
-    except ValueError:
-        raise AssertionError(f"ansible printed no JSON (rc {proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}") from None
-    return out["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    return ansible_run.run_module(FQCN, args, *flags)
 
 
 @pytest.fixture
