@@ -198,18 +198,38 @@ def fake_dockerd_version(host):
     run_ok(host, "rm", "-f", fake)
 
 
-def test_docker_28_is_refused_and_nothing_changes(host, docker_engine_play, fake_dockerd_version):
+def _unchanged(host, out: str, before: str) -> None:
+    assert "Nothing was changed" in out and " changed=0 " in out, out
+    assert host.file("/etc/docker/daemon.json").content_string == before
+    assert not host.file("/etc/systemd/system/docker.service.d/20-graphdriver-plugins.conf").exists
+    assert not host.file("/etc/systemd/system/containerd.service.d/10-cvmfs-snapshotter.conf").exists
+    assert run_ok(host, "docker", "info", "--format", "{{.Driver}}").strip() == "cvmfs"
+
+
+def test_docker_28_in_plugin_mode_is_refused_and_nothing_changes(host, docker_engine_play,
+                                                                 fake_dockerd_version):
+    before = host.file("/etc/docker/daemon.json").content_string
+    fake_dockerd_version("28.1.1")
+    result = docker_engine_play("-e", "docker_engine_mode=plugin")
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert "Docker 28.1.1 is installed on this node" in out
+    assert "Docker 28 removed graph-driver plugins" in out and "snapshotter" in out
+    _unchanged(host, out, before)
+
+
+def test_docker_28_would_switch_to_the_snapshotter_a_node_with_images_refused(
+        host, docker_engine_play, fake_dockerd_version):
+    # auto picks the snapshotter for Docker 28; this node holds images under the plugin
+    # (prepare and the tests above pulled some), which Docker would no longer see.
     before = host.file("/etc/docker/daemon.json").content_string
     fake_dockerd_version("28.1.1")
     result = docker_engine_play()
     out = result.stdout + result.stderr
     assert result.returncode != 0, out
-    assert "Docker 28.1.1 is installed on this node" in out
-    assert "Nothing was changed" in out and "27.5.1" in out
-    assert " changed=0 " in out, out
-    assert host.file("/etc/docker/daemon.json").content_string == before
-    assert not host.file("/etc/systemd/system/docker.service.d/20-graphdriver-plugins.conf").exists
-    assert run_ok(host, "docker", "info", "--format", "{{.Driver}}").strip() == "cvmfs"
+    assert "under cvmfs (graph driver); it is to use cvmfs (containerd snapshotter)" in out
+    assert "docker_engine_allow_storage_switch: true" in out
+    _unchanged(host, out, before)
 
 
 def test_docker_27_gets_the_plugin_switch_check_mode_shows_it(host, docker_engine_play,
