@@ -37,6 +37,20 @@ MAX_THIN_LAYERS = 125  # dockerd's own cap on image layers
 MAX_DESCRIPTOR_BYTES = 1 << 20
 CONFIG_HINT = "`repositories` in /etc/cvmfs-graphdriver/config.ini"
 
+# DUCC's repository layout: where a layer (keyed by its digest) and a flattened image sit.
+LAYERS_DIR = ".layers"
+FLAT_DIR = ".flat"
+
+
+def layer_path(hexdigest: str) -> str:
+    """`.layers/<hex[0:2]>/<hex>/layerfs`, relative to the repository root."""
+    return f"{LAYERS_DIR}/{hexdigest[:2]}/{hexdigest}/layerfs"
+
+
+def flat_path(hexdigest: str) -> str:
+    return f"{FLAT_DIR}/{hexdigest[:2]}/{hexdigest}"
+
+
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
 _DIGEST_RE = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
 

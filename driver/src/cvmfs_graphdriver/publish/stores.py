@@ -33,12 +33,9 @@ class PublishError(Exception):
     """A failure of the publishing tool; the message says what to do."""
 
 
-def layer_dir(hexdigest: str) -> str:
-    return f".layers/{hexdigest[:2]}/{hexdigest}/layerfs"
-
-
-def flat_dir(hexdigest: str) -> str:
-    return f".flat/{hexdigest[:2]}/{hexdigest}"
+# DUCC's repository layout (the paths live in thin.py: the driver reads them too).
+layer_dir = thin.layer_path
+flat_dir = thin.flat_path
 
 
 def metadata_files(markers: whiteouts.LayerMarkers, origin: str) -> dict:
