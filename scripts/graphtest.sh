@@ -117,6 +117,7 @@ fi
 # median. About 4 minutes here.
 benchtime=500ms rounds=3
 : >"$work/bench.log"
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)  # others' work on the machine skews figures
 rc=0
 set +e
 for round in $(seq "$rounds"); do
@@ -130,7 +131,7 @@ set -e
 # What was measured: the commit, whether driver/ differs from it, and the code imported.
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [[ -z $(git status --porcelain -- driver 2>/dev/null) ]] || commit+=" with uncommitted driver/ changes"
-GT_BENCHTIME=$benchtime GT_ROUNDS=$rounds GT_COMMIT=$commit \
+GT_BENCHTIME=$benchtime GT_ROUNDS=$rounds GT_COMMIT=$commit GT_LOAD_BEFORE=$load_before \
 GT_GO=$(go version) \
 GT_MOBY=$(dpkg-query -W -f='${Version}' golang-github-docker-docker-dev) \
 GT_DRIVER=$(.venv/bin/cvmfs-graphdriver --version) \
@@ -192,7 +193,9 @@ doc = {
     "benchtime": os.environ["GT_BENCHTIME"], "rounds": int(os.environ["GT_ROUNDS"]),
     "machine": {"cpu": cpu(), "cpus": os.cpu_count(), "memory_gib": mem_gib(),
                 "kernel": platform.release(), "os": platform.freedesktop_os_release().get(
-                    "PRETTY_NAME", "")},
+                    "PRETTY_NAME", ""),
+                "loadavg_before": os.environ["GT_LOAD_BEFORE"],
+                "loadavg_after": " ".join(open("/proc/loadavg").read().split()[:3])},
     "versions": {"go": os.environ["GT_GO"], "moby_graphtest": os.environ["GT_MOBY"],
                  "cvmfs_graphdriver": os.environ["GT_DRIVER"], "commit": os.environ["GT_COMMIT"],
                  "driver_source": os.environ["GT_DRIVER_SRC"]},
@@ -226,7 +229,8 @@ section = [
     f"test binary. `bash scripts/graphtest.sh --bench`; raw figures in "
     f"[graphtest.json](graphtest.json).",
     "",
-    f"{now:%Y-%m-%d}, {m['cpus']} × {m['cpu']}, {m['memory_gib']} GiB, kernel {m['kernel']}, "
+    f"{now:%Y-%m-%d}, {m['cpus']} × {m['cpu']}, {m['memory_gib']} GiB, kernel {m['kernel']} "
+    f"(load average {m['loadavg_before']} before, {m['loadavg_after']} after), "
     f"{doc['versions']['cvmfs_graphdriver']} ({doc['versions']['commit']}), moby "
     f"{doc['versions']['moby_graphtest']}, {doc['versions']['go'].replace('go version ', '')}.",
     "",
