@@ -77,6 +77,7 @@ class Daemon:
     @property
     def config(self) -> str:
         path = os.path.join(self.workdir, "config.ini")
+        os.makedirs(self.workdir, exist_ok=True)
         if not os.path.exists(path):
             with open(path, "w") as f:
                 f.write("[driver]\nlog_level = debug\n")

@@ -49,7 +49,7 @@ def test_create_commit_chain_and_ids(ms):
         assert (a.id, a.parents) == ("1", ())
     with ms.transaction(write=True) as tx:
         assert tx.commit_active("a", "A", Usage(size=10, inodes=2), {"y": "2"}) == "1"
-        b = tx.create_snapshot(KIND_ACTIVE, "b", "A")
+        tx.create_snapshot(KIND_ACTIVE, "b", "A")
         tx.commit_active("b", "B", Usage())
         v = tx.create_snapshot(KIND_VIEW, "v", "B")
     assert v.parent_ids == ["2", "1"]  # immediate parent first, as containerd's ParentIDs
