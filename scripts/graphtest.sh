@@ -114,8 +114,8 @@ fi
 
 # Benchmarks: each BenchmarkX runs driver=cvmfs, then driver=overlay2; the whole list runs
 # three times (rounds, so that both drivers see the same drift) and the report takes the
-# median. About 3.5 minutes on an idle machine of this kind (2 CPUs), nearer 6 when other
-# test runs load it; the 10K-file benchmarks are most of it.
+# median. 3.5 to 6 minutes here (2 CPUs), depending on what else runs; the 10K-file
+# benchmarks are most of it.
 benchtime=300ms rounds=3
 : >"$work/bench.log"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)  # others' work on the machine skews figures
