@@ -168,14 +168,12 @@ class Layout:
     def thin_masks(self, layer_id: str) -> str:
         return os.path.join(self.thin_dir(layer_id), "masks")
 
-    def thin_mask(self, layer_id: str, k: int) -> str:
-        return os.path.join(self.thin_masks(layer_id), mask_name(k))
-
     def thin_masks_index(self, layer_id: str) -> str:
         return os.path.join(self.thin_dir(layer_id), "masks.json")
 
-    def marker_cache(self, key: str) -> str:
-        return os.path.join(self.home, MARKER_CACHE_DIR, f"{key}.json")
+    @property
+    def marker_cache_dir(self) -> str:
+        return os.path.join(self.home, MARKER_CACHE_DIR)
 
     # links and staging
 

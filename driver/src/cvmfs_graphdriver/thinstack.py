@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import stat
-from typing import Callable, ContextManager, Dict, List, Optional, Set
+from typing import Callable, ContextManager, Dict, List, Optional, Set, Tuple
 
 from . import thin, whiteouts
 from .config import Config
@@ -42,6 +42,7 @@ class ThinStacks:
         self.layout = layout
         self.config = config
         self._locked = locked
+        self.markers = MarkerCache(layout.marker_cache_dir, config.cvmfs_root)
 
     # ------------------------------------------------------------------ ApplyDiff
 
@@ -119,12 +120,9 @@ class ThinStacks:
         if desc is None:
             return []
         real = [os.path.join(self.config.cvmfs_root, la.repo, la.path) for la in desc.layers]
-        built = self._built_masks(tid) or {}
-        masks = {k for k in built if k >= 0}
-        opaque_roots = {-k for k, v in built.items() if k < 0 and "" in v}
+        built = built_masks(self.layout.thin_masks_index(tid)) or {}
         has_parent = bool(_read_or_empty(self.layout.parent_file(tid)))
-        return [self.layout.thin_mask(tid, k) if kind == "mask" else real[k - 1]
-                for kind, k in thin.stack_order(real, masks, opaque_roots, has_parent)]
+        return [d for _, d in stack_dirs(real, built, self.layout.thin_masks(tid), has_parent)]
 
     def repositories_below(self, lower: str) -> Set[str]:
         """Repositories used by the thin layers in a lower chain (no CVMFS access)."""
@@ -164,18 +162,13 @@ class ThinStacks:
             thin.check_allowed(repo, self.config.repositories, f"thin layer {tid}")
         real = [thin.resolve_layer_dir(self.config.cvmfs_root, la) for la in desc.layers]
         with self._locked(tid):
-            masks = self._masks(tid, desc, real)
+            masks = build_masks(desc, real, self.layout.thin_masks(tid),
+                                self.layout.thin_masks_index(tid), self.markers)
             has_parent = bool(_read_or_empty(self.layout.parent_file(tid)))
-            order = thin.stack_order(real, {k for k in masks if k >= 0},
-                                     {-k for k, v in masks.items() if k < 0 and "" in v},
-                                     has_parent)
             links = self._load_links(tid)
             known = dict(links)
-            entries = [
-                self._link(links, mask_name(k) if kind == "mask" else f"layer-{k}",
-                           self.layout.thin_mask(tid, k) if kind == "mask" else real[k - 1])
-                for kind, k in order
-            ]
+            entries = [self._link(links, name, target) for name, target in
+                       stack_dirs(real, masks, self.layout.thin_masks(tid), has_parent)]
             if links != known:  # only the first start (or a moved layer) writes
                 atomic_write(self.layout.thin_links(tid), json.dumps(links))
         return entries
@@ -223,20 +216,33 @@ class ThinStacks:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.layout.short_link(short))
 
-    # ------------------------------------------------------------------ masks
 
-    def _markers(self, layer: thin.ThinLayer, real_dir: str) -> LayerMarkers:
-        path = self.layout.marker_cache(
-            hashlib.sha256(f"{layer.repo}/{layer.path}".encode()).hexdigest())
+
+# ---------------------------------------------------------------------------- shared
+# What both faces (the graph driver's thin layers, the snapshotter's remote snapshots)
+# use to stack CVMFS layers: their markers, found once, and the masks between them.
+
+
+class MarkerCache:
+    """The whiteout markers of CVMFS layers, found once per layer (the index cvmfs-thin
+    publishes, or a metadata-only scan) and kept as small JSON files in `cache_dir`."""
+
+    def __init__(self, cache_dir: str, cvmfs_root: str) -> None:
+        self.cache_dir = cache_dir
+        self.cvmfs_root = cvmfs_root
+
+    def get(self, layer: thin.ThinLayer, real_dir: str) -> LayerMarkers:
+        path = os.path.join(self.cache_dir, hashlib.sha256(
+            f"{layer.repo}/{layer.path}".encode()).hexdigest() + ".json")
         try:
             with open(path, encoding="utf-8") as f:
                 return LayerMarkers.from_json(f.read())
         except (FileNotFoundError, ValueError, KeyError):
             pass
         markers = self._published_index(layer, real_dir) or LayerMarkers.scan(real_dir)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
         atomic_write(path, markers.to_json())
-        log.info("thin layer %s: %d whiteout markers", layer.url, len(markers.markers))
+        log.info("CVMFS layer %s: %d whiteout markers", layer.url, len(markers.markers))
         return markers
 
     def _published_index(self, layer: thin.ThinLayer, real_dir: str) -> Optional[LayerMarkers]:
@@ -244,7 +250,7 @@ class ThinStacks:
         if os.path.basename(real_dir) != "layerfs":
             return None
         index = os.path.join(os.path.dirname(real_dir), ".metadata", "whiteouts.json")
-        real_repo = os.path.realpath(os.path.join(self.config.cvmfs_root, layer.repo))
+        real_repo = os.path.realpath(os.path.join(self.cvmfs_root, layer.repo))
         if not os.path.realpath(index).startswith(real_repo + os.sep):
             return None
         try:
@@ -260,43 +266,55 @@ class ThinStacks:
             return None
         return markers
 
-    def _built_masks(self, tid: str) -> Optional[Dict[int, Set[str]]]:
-        """{k: set()} of the masks built for `tid` (negative -k: {""} when layer k makes
-        its root opaque), or None if they are not built yet."""
-        try:
-            with open(self.layout.thin_masks_index(tid), encoding="utf-8") as f:
-                doc = json.load(f)
-            return {int(k): set(v) for k, v in doc.items()}
-        except (FileNotFoundError, ValueError):
-            return None
 
-    def _masks(self, tid: str, desc: thin.Descriptor, real: List[str]) -> Dict[int, Set[str]]:
-        """Build (once) the masks of `tid`; return them as _built_masks does."""
-        built = self._built_masks(tid)
-        if built is not None:
-            return built
-        markers = [self._markers(la, d) for la, d in zip(desc.layers, real)]
-        plans = thin.plan_masks(markers)
-        root = self.layout.thin_masks(tid)
-        shutil.rmtree(root, ignore_errors=True)
-        building = root + ".building"
-        shutil.rmtree(building, ignore_errors=True)
-        os.makedirs(building, mode=0o700)
-        result: Dict[int, Set[str]] = {}
-        n = len(real)
-        for k, plan in enumerate(plans):
-            if plan.empty:
-                continue
-            sources = ([real[k]] if k < n else []) + ([real[k - 1]] if k >= 1 else [])
-            thin.build_mask(os.path.join(building, mask_name(k)), plan, sources)
-            result[k] = set()
-        for k, m in enumerate(markers, start=1):
-            if "" in m.opaque:
-                result[-k] = {""}
-        os.rename(building, root)
-        atomic_write(self.layout.thin_masks_index(tid),
-                     json.dumps({str(k): sorted(v) for k, v in result.items()}))
-        return result
+def built_masks(index: str) -> Optional[Dict[int, Set[str]]]:
+    """{k: set()} of the masks built (negative -k: {""} when layer k makes its root
+    opaque), from their index file; None if they are not built yet."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            doc = json.load(f)
+        return {int(k): set(v) for k, v in doc.items()}
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def build_masks(desc: thin.Descriptor, real: List[str], masks_dir: str, index: str,
+                markers: MarkerCache) -> Dict[int, Set[str]]:
+    """Build (once) the masks of a stack of CVMFS layers into `masks_dir` (mask-K), then
+    write `index` last (a crash just rebuilds them); return them as built_masks does.
+    The caller holds the stack's lock."""
+    built = built_masks(index)
+    if built is not None:
+        return built
+    found = [markers.get(la, d) for la, d in zip(desc.layers, real)]
+    plans = thin.plan_masks(found)
+    shutil.rmtree(masks_dir, ignore_errors=True)
+    building = masks_dir + ".building"
+    shutil.rmtree(building, ignore_errors=True)
+    os.makedirs(building, mode=0o700)
+    result: Dict[int, Set[str]] = {}
+    n = len(real)
+    for k, plan in enumerate(plans):
+        if plan.empty:
+            continue
+        sources = ([real[k]] if k < n else []) + ([real[k - 1]] if k >= 1 else [])
+        thin.build_mask(os.path.join(building, mask_name(k)), plan, sources)
+        result[k] = set()
+    for k, m in enumerate(found, start=1):
+        if "" in m.opaque:
+            result[-k] = {""}
+    os.rename(building, masks_dir)
+    atomic_write(index, json.dumps({str(k): sorted(v) for k, v in result.items()}))
+    return result
+
+
+def stack_dirs(real: List[str], masks: Dict[int, Set[str]], masks_dir: str,
+               has_parent: bool) -> List[Tuple[str, str]]:
+    """(name, directory) of a materialised stack, top first ("mask-K" or "layer-K")."""
+    order = thin.stack_order(real, {k for k in masks if k >= 0},
+                             {-k for k, v in masks.items() if k < 0 and "" in v}, has_parent)
+    return [(mask_name(k), os.path.join(masks_dir, mask_name(k))) if kind == "mask"
+            else (f"layer-{k}", real[k - 1]) for kind, k in order]
 
 
 def _plain_path(path: object) -> bool:
