@@ -120,6 +120,7 @@ def _member_xattrs(member: tarfile.TarInfo) -> Dict[str, bytes]:
 class ApplyResult:
     entries: int = 0
     whiteouts: int = 0
+    bytes: int = 0  # the sizes in the entries' headers, summed (moby's UnpackLayer size)
 
 
 def apply_tar(stream: IO[bytes], root: str,
@@ -145,6 +146,7 @@ def apply_tar(stream: IO[bytes], root: str,
             try:
                 for member in tar:
                     result.entries += 1
+                    result.bytes += member.size
                     _apply_member(tar, member, root_fd, walker, dir_times, result, converter)
             except tarfile.TarError as e:
                 raise DriverError(f"layer tar is corrupt or truncated: {e}") from None

@@ -369,11 +369,10 @@ class Driver:
         with self._locked(layer_id):
             if not os.path.isdir(layout.dir(layer_id)):
                 raise NotFoundError(f"ApplyDiff: layer {layer_id} does not exist (Create it first)")
-            if (parent or "") != self._parent(layer_id):
-                raise DriverError(
-                    f"ApplyDiff: layer {layer_id} was created on parent "
-                    f"{self._parent(layer_id) or '(none)'}, not {parent or '(none)'}"
-                )
+            native = (parent or "") == self._parent(layer_id)
+        if not native:
+            return self._apply_naive(layer_id, stream)
+        with self._locked(layer_id):
             marker = layout.applying_marker(layer_id)
             write_durably(marker, "")
             diff = layout.diff(layer_id)
@@ -399,6 +398,25 @@ class Driver:
             log.info("layer %s: applied %d entries (%d whiteouts), %d bytes", layer_id,
                      result.entries, result.whiteouts, size)
             return size
+
+    def _apply_naive(self, layer_id: LayerId, stream: IO[bytes]) -> int:
+        """ApplyDiff against another parent than the layer's own: apply the tar onto the
+        mounted layer, markers carried out as deletions (overlay2's fallback, moby's
+        NaiveDiffDriver.ApplyDiff); the size is what moby's UnpackLayer counts."""
+        view = self.get(layer_id)
+        try:
+            result = archive.apply_tar(stream, view, whiteouts.Flatten())
+        except DriverError as e:
+            raise DriverError(f"layer {layer_id}: {e}") from None
+        except OSError as e:
+            raise DriverError(f"layer {layer_id}: applying the layer failed: {e}") from None
+        finally:
+            self.put(layer_id)
+        if self.config.sync_layers:
+            mounts.syncfs(self.layout.diff(layer_id))
+        log.info("layer %s: applied %d entries onto the mounted layer (naive), %d bytes",
+                 layer_id, result.entries, result.bytes)
+        return result.bytes
 
     def _use_native(self, layer_id: LayerId, parent: Optional[LayerId]) -> bool:
         return self.native_diff and (parent or "") == self._parent(layer_id)

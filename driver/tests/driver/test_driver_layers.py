@@ -9,7 +9,6 @@ import threading
 import pytest
 from layer_tools import (
     TarBuilder,
-    apply,
     make_layer,
     mounts_below,
     new_id,
@@ -302,14 +301,6 @@ def test_create_refuses_existing_layer_missing_parent_and_storage_opts(drv):
     assert "size" in str(e.value)
     assert not drv.exists(layer)
     assert os.listdir(drv.layout.staging) == []
-
-
-def test_apply_diff_checks_the_parent(drv):
-    base = make_layer(drv)
-    child = make_layer(drv, base)
-    with pytest.raises(DriverError) as e:
-        apply(drv, child, "", TarBuilder().file("f").bytes())
-    assert base in str(e.value)
 
 
 def test_status_and_metadata(drv):
