@@ -20,6 +20,7 @@ CVMFS layer, and cached under the driver home.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -194,6 +195,38 @@ def parse_descriptor(data: bytes, allowed: Optional[Iterable[str]] = None,
         layers=tuple(parse_layer(e, i, allow) for i, e in enumerate(layers)),
         origin=origin if isinstance(origin, str) else "",
     )
+
+
+def descriptor_in(layer_dir: str, allowed: Iterable[str]) -> Optional[Descriptor]:
+    """The validated descriptor of a thin image's layer, or None for any other layer.
+
+    A thin layer holds `thin.json` and nothing else (so a regular image that happens to
+    ship a /thin.json among its files stays a regular image). Raises DescriptorError for
+    a descriptor this node must not use. Never opens anything but a regular file (a FIFO
+    would block the pull, a device has effects).
+    """
+    with os.scandir(layer_dir) as it:
+        names = [e.name for e in itertools.islice(it, 2)]
+    if names != [DESCRIPTOR_NAME]:
+        return None
+    path = os.path.join(layer_dir, DESCRIPTOR_NAME)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if whiteouts.is_whiteout(st):
+        return None  # this layer deletes /thin.json: it is no descriptor
+    if not stat.S_ISREG(st.st_mode):
+        raise DescriptorError("thin.json is not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise DescriptorError(f"thin.json cannot be read: {e}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise DescriptorError("thin.json is not a regular file")
+        data = f.read(MAX_DESCRIPTOR_BYTES + 1)
+    return parse_descriptor(data, allowed)
 
 
 def resolve_layer_dir(cvmfs_root: str, layer: ThinLayer) -> str:

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import os
 import shutil
-import stat
 from typing import Callable, ContextManager, Dict, List, Optional, Set, Tuple
 
-from . import thin, whiteouts
+from . import thin
 from .config import Config
 from .errors import DriverError
 from .files import atomic_write, read
@@ -48,35 +46,10 @@ class ThinStacks:
 
     def record(self, layer_id: str) -> Optional[thin.Descriptor]:
         """If the applied layer is a thin image's layer, validate it and remember it.
-
-        A thin layer holds `thin.json` and nothing else (so a regular image that happens
-        to ship a /thin.json among its files stays a regular image). Raises
-        DescriptorError (the pull fails) for a descriptor this node must not use.
-        """
-        diff = self.layout.diff(layer_id)
-        with os.scandir(diff) as it:
-            names = [e.name for e in itertools.islice(it, 2)]
-        if names != [thin.DESCRIPTOR_NAME]:
+        Raises DescriptorError (the pull fails) for a descriptor this node must not use."""
+        desc = thin.descriptor_in(self.layout.diff(layer_id), self.config.repositories)
+        if desc is None:
             return None
-        path = os.path.join(diff, thin.DESCRIPTOR_NAME)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return None
-        if whiteouts.is_whiteout(st):
-            return None  # this layer deletes /thin.json: it is no descriptor
-        if not stat.S_ISREG(st.st_mode):
-            # Never open it: a FIFO would block the pull forever, a device has effects.
-            raise thin.DescriptorError("thin.json is not a regular file")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as e:
-            raise thin.DescriptorError(f"thin.json cannot be read: {e}") from None
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise thin.DescriptorError("thin.json is not a regular file")
-            data = f.read(thin.MAX_DESCRIPTOR_BYTES + 1)
-        desc = thin.parse_descriptor(data, self.config.repositories)
         os.makedirs(self.layout.thin_dir(layer_id), mode=0o700, exist_ok=True)
         atomic_write(self.layout.thin_descriptor(layer_id), desc.to_json())
         log.info("layer %s is thin: %d layers from %s", layer_id, len(desc.layers),
