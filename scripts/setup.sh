@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(docker.io docker-registry busybox-static python3-venv attr tar debootstrap)
+APT_PACKAGES=(docker.io docker-registry busybox-static python3-venv attr tar debootstrap
+  containerd runc)  # the last two: private containerds of the snapshotter tests
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

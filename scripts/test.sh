@@ -19,4 +19,7 @@ echo "== driver tests (pytest)"
 echo "== moby graphtest (moby's graph-driver conformance suite against the plugin)"
 bash scripts/graphtest.sh
 
+echo "== containerd snapshotter conformance (containerd's snapshots/testsuite against the snapshotter)"
+bash scripts/snapshotsuite.sh
+
 bash scripts/test-provisioning.sh

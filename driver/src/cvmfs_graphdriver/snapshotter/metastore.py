@@ -277,6 +277,14 @@ class Transaction:
         parents = self._chain(row[10]) if row[10] is not None else ()
         return Snapshot(kind=row[2], id=str(row[0]), parents=parents)
 
+    def parent_chain(self, parent: str) -> Tuple[Lower, ...]:
+        """The chain a snapshot created on committed `parent` would have (no checks of
+        what does not exist: create_snapshot reports those)."""
+        row = self._row(parent) if parent else None
+        if row is None or row[2] != KIND_COMMITTED:
+            return ()
+        return self._chain(row[0])
+
     def walk(self, filter_strings: Sequence[str] = ()) -> List[Info]:
         """Every snapshot matching any of the filters, in key order (storage.WalkInfo)."""
         try:

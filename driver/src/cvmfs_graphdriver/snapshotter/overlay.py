@@ -226,6 +226,11 @@ class OverlaySnapshotter:
 
     def _create(self, kind: int, key: str, parent: str,
                 labels: Optional[Mapping[str, str]]) -> List[Mount]:
+        # Resolve the parents' lower directories before taking the write lock: a remote
+        # resolver may be slow the first time (masks), and if it fails nothing is created.
+        with self.ms.transaction() as tx:
+            chain = tx.parent_chain(parent)
+        resolved = (chain, self._lower_dirs(chain)) if chain else None
         with self.ms.transaction(write=True) as tx:
             td = tempfile.mkdtemp(prefix="new-", dir=self.layout.staging)
             try:
@@ -238,15 +243,19 @@ class OverlaySnapshotter:
                     snap = tx.create_snapshot(kind, key, parent, labels)
                 except SnapshotterError as e:
                     raise e.wrap("failed to create snapshot") from None
+                if resolved is not None and resolved[0] == snap.parents:
+                    lowers = resolved[1]
+                else:  # the parent was replaced in between: resolve again
+                    lowers = self._lower_dirs(snap.parents)
                 if snap.parents:
-                    top = self._lower_dirs(snap.parents[:1])[0]
+                    top = lowers[0]
                     try:
                         st = os.stat(top)
                     except OSError as e:
                         raise FailedPrecondition(
                             f"failed to stat parent: {e.strerror}: {top}") from None
                     os.lchown(os.path.join(td, "fs"), st.st_uid, st.st_gid)
-                mounts = self._mounts(snap)  # resolves remote parents before commit
+                mounts = self._mounts(snap, lowers)
                 self._put_in_place(td, snap.id)
             except BaseException:
                 _remove_tree(td)
@@ -283,11 +292,12 @@ class OverlaySnapshotter:
             dirs.extend(resolved)
         return dirs
 
-    def _mounts(self, snap: Snapshot) -> List[Mount]:
+    def _mounts(self, snap: Snapshot, lowers: Optional[List[str]] = None) -> List[Mount]:
+        if lowers is None:
+            lowers = self._lower_dirs(snap.parents)
         return snapshot_mounts(
             active=snap.kind == KIND_ACTIVE, upper=self.layout.fs(snap.id),
-            work=self.layout.work(snap.id), lowers=self._lower_dirs(snap.parents),
-            opts=self.options)
+            work=self.layout.work(snap.id), lowers=lowers, opts=self.options)
 
     def _orphans_to_staging(self, ids: Mapping[str, str]) -> List[str]:
         """Move every snapshots/ entry no snapshot owns into staging/ (under the
