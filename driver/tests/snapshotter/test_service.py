@@ -4,6 +4,8 @@ activation, error codes, SIGTERM and kill -9."""
 from __future__ import annotations
 
 import os
+import platform
+import signal
 import socket
 import stat
 import subprocess
@@ -64,6 +66,33 @@ def test_socket_0600_readiness_and_clean_sigterm(root, tmp_path):
     assert status == 0, d.log()
     assert not os.path.exists(d.socket), "the socket it bound is removed on exit"
     assert "Traceback" not in d.log()
+
+
+def test_sigterm_that_lands_on_another_thread_stops_it_promptly(root, tmp_path):
+    """A process-directed SIGTERM may be delivered to any thread (gRPC runs many): send it
+    to one that is not the main thread, as the kernel may, and the daemon still stops."""
+    import ctypes
+
+    need(platform.machine() == "x86_64", "the tgkill syscall number below is x86_64's")
+    d = Daemon(str(tmp_path / "d")).start()
+    c = Client(d.socket)
+    c.prepare("a")  # gRPC's threads are up
+    c.close()
+    assert d.proc is not None
+    pid = d.proc.pid
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    assert others, "the daemon runs threads besides the main one"
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_tgkill = 234  # x86_64
+    assert libc.syscall(sys_tgkill, pid, others[-1], signal.SIGTERM) == 0
+    started = time.monotonic()
+    try:
+        d.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        d.proc.kill()
+        raise AssertionError("SIGTERM on a non-main thread did not stop the daemon") from None
+    assert d.proc.returncode == 0, d.log()
+    assert time.monotonic() - started < 15
 
 
 def test_socket_passed_by_systemd(root, tmp_path):

@@ -309,7 +309,9 @@ def run(home: str, socket_path: str, sync_commits: bool = True,
              snapshotter.options.index_off, snapshotter.options.userxattr)
     sd_notify(f"READY=1\nSTATUS=snapshotter listening on {where}")
     try:
-        while not stopping.wait(3600):
+        # A short wait: SIGTERM may be delivered to one of gRPC's threads, and Python runs
+        # the handler only when the main thread next executes code.
+        while not stopping.wait(0.5):
             pass
         sd_notify("STOPPING=1")
     finally:
