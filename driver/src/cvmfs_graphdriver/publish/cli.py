@@ -11,7 +11,7 @@ from typing import Any, List, Optional
 
 from .. import __version__, archive, thin, whiteouts
 from ..errors import DriverError
-from . import images
+from . import images, registry
 from .stores import (
     CvmfsStore,
     DirStore,
@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--push", action="store_true", help="push the thin image after making it")
     c.add_argument("--flat", action="store_true",
                    help="publish the image as one flattened layer")
+    c.add_argument("--digests", choices=("diff-id", "registry"), default="diff-id",
+                   help="key layers in the store by their uncompressed diff IDs (default), "
+                   "or by the compressed digests of SOURCE's manifest in its registry, "
+                   "where containerd's lazy pulls look for them (SOURCE must be a "
+                   "registry reference)")
     c.add_argument("--cvmfs-root", default="/cvmfs", metavar="DIR",
                    help="where the cvmfs: store's repository is mounted (default /cvmfs)")
     c.add_argument("--workdir", metavar="DIR", help="scratch space (default: $TMPDIR)")
@@ -101,17 +106,19 @@ def convert(args: argparse.Namespace) -> int:
             published = 1
         layers = [thin.ThinLayer(store.repo, rel, key)]
     else:
-        missing = [n for n, h in enumerate(diff_ids) if not store.has(layer_dir(h))]
-        skipped = len(diff_ids) - len(missing)
-        for n, h in enumerate(diff_ids):
+        keys = diff_ids if args.digests == "diff-id" else _registry_keys(args.source, attrs,
+                                                                           diff_ids)
+        missing = [n for n, k in enumerate(keys) if not store.has(layer_dir(k))]
+        skipped = len(keys) - len(missing)
+        for n, k in enumerate(keys):
             if n not in missing:
-                _progress(f"layer {n + 1}/{len(diff_ids)} {h[:12]}: already in the store, skipped")
+                _progress(f"layer {n + 1}/{len(keys)} {k[:12]}: already in the store, skipped")
         if missing:
             with images.saved(image, args.workdir) as saved:
                 for n in missing:
-                    _publish_layer(store, saved, n, diff_ids, args.source)
+                    _publish_layer(store, saved, n, diff_ids, args.source, keys[n])
                     published += 1
-        layers = [thin.ThinLayer(store.repo, layer_dir(h), h) for h in diff_ids]
+        layers = [thin.ThinLayer(store.repo, layer_dir(k), k) for k in keys]
     descriptor = thin.Descriptor("1.0", tuple(layers), origin=args.source)
     tag_id, size = _make_image(client, descriptor, images.thin_config({"config": attrs["Config"]}),
                                attrs, args.tag, f"cvmfs-thin convert {args.source}")
@@ -125,8 +132,23 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_keys(source: str, attrs: dict, diff_ids: List[str]) -> List[str]:
+    """The manifest's compressed layer digests (hex) of `source`, one per diff ID."""
+    ref = registry.parse_reference(source)
+    found = registry.Registry().layers(ref, attrs.get("Os") or "linux",
+                                       attrs.get("Architecture") or "amd64")
+    if len(found) != len(diff_ids):
+        raise PublishError(
+            f"{source}: the registry's manifest lists {len(found)} layers, the image in the "
+            f"engine {len(diff_ids)}; pull {source} again so both are the same image")
+    _progress(f"{source}: layers keyed by the registry's digests "
+              f"({ref.registry}/{ref.repository})")
+    return [layer.digest.split(":", 1)[1] for layer in found]
+
+
 def _publish_layer(store: Store, saved: images.SavedImage, n: int, diff_ids: List[str],
-                   origin: str) -> None:
+                   origin: str, key: str) -> None:
+    """Publish layer n (verified against its diff ID) at layer_dir(key)."""
     h = diff_ids[n]
     t0 = time.monotonic()
     with saved.open_layer(n) as stream:
@@ -137,8 +159,8 @@ def _publish_layer(store: Store, saved: images.SavedImage, n: int, diff_ids: Lis
     if [thin.DESCRIPTOR_NAME] in names:
         raise _nested(origin, n)
     markers = whiteouts.LayerMarkers.from_names(names)
-    store.publish_layer(layer_dir(h), lambda: saved.open_layer(n), markers, origin)
-    _progress(f"layer {n + 1}/{len(diff_ids)} {h[:12]}: published {len(names)} entries, "
+    store.publish_layer(layer_dir(key), lambda: saved.open_layer(n), markers, origin)
+    _progress(f"layer {n + 1}/{len(diff_ids)} {key[:12]}: published {len(names)} entries, "
               f"{_mb(size)}, {len(markers.markers)} whiteout markers "
               f"({time.monotonic() - t0:.1f} s)")
 
