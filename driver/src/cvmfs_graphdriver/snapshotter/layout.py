@@ -4,6 +4,9 @@
     <home>/snapshots/<id>/fs/      the snapshot's files: the upper dir of an active
                                    snapshot, a lower dir once committed
     <home>/snapshots/<id>/work/    overlay work dir (active snapshots only)
+    <home>/snapshots/<id>/masks/   whiteout masks between the CVMFS layers of a remote
+    <home>/snapshots/<id>/masks.json   snapshot (built on first use; the index last)
+    <home>/markers/<sha256>.json   the whiteout markers of one CVMFS layer (found once)
     <home>/staging/                new snapshot directories being made (renamed into
                                    snapshots/ when their metadata commits) and removed
                                    ones being deleted; nothing in it is ever in use
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 SNAPSHOTS_DIR = "snapshots"
 STAGING_DIR = "staging"
 METADATA_DB = "metadata.db"
+MARKERS_DIR = "markers"
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,10 @@ class SnapshotterLayout:
     def metadata_db(self) -> str:
         return os.path.join(self.home, METADATA_DB)
 
+    @property
+    def marker_cache_dir(self) -> str:
+        return os.path.join(self.home, MARKERS_DIR)
+
     def dir(self, snapshot_id: str) -> str:
         if not snapshot_id.isdigit():
             raise ValueError(f"invalid snapshot id {snapshot_id!r}")
@@ -49,3 +57,10 @@ class SnapshotterLayout:
     def work(self, snapshot_id: str) -> str:
         """containerd's workPath(id)."""
         return os.path.join(self.dir(snapshot_id), "work")
+
+    def masks(self, snapshot_id: str) -> str:
+        """Whiteout masks of a remote snapshot's CVMFS layers."""
+        return os.path.join(self.dir(snapshot_id), "masks")
+
+    def masks_index(self, snapshot_id: str) -> str:
+        return os.path.join(self.dir(snapshot_id), "masks.json")

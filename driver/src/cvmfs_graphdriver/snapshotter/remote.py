@@ -1,0 +1,138 @@
+"""Remote snapshots: layers that already sit unpacked in CernVM-FS.
+
+A committed snapshot can come from CVMFS in two ways:
+
+- **Lazy pulls.** containerd's unpacker (for Docker >= 24, nerdctl and the CRI) prepares
+  each layer with the labels `containerd.io/snapshot.ref` (the chain ID the snapshot is
+  to be committed as) and `containerd.io/snapshot/cri.layer-digest` (the registry's
+  compressed digest of the layer). When DUCC's `.layers/<d[0:2]>/<d>/layerfs` exists in
+  an allowed repository, Prepare commits a remote snapshot under that chain ID and
+  answers AlreadyExists: containerd then finds it with List and never fetches the blob.
+- **Thin images.** A layer holding only `thin.json` (thin.descriptor_in) is committed
+  as usual and then recorded as the remote stack of its descriptor's layers.
+
+Either way the metadata holds {"type": "cvmfs", "layers": [{"repo", "path", "digest"},
+...] (base first), "has_parent": bool}. Mounting a child puts the layers' directories
+where the snapshot's own fs would be, with the same whiteout masks between them as the
+graph driver's thin stacks (thinstack.build_masks, built once per snapshot in its
+directory): literal `.wh.*` files that `cvmfs_server ingest` keeps are hidden, and the
+deletions and opaque directories they stand for take effect.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from typing import Any, Collection, Dict, Iterator, List, Mapping, Optional
+
+from .. import thin, thinstack
+from ..errors import DriverError
+from .errdefs import FailedPrecondition, InvalidArgument
+from .layout import SnapshotterLayout
+from .metastore import Lower
+
+log = logging.getLogger(__name__)
+
+TYPE = "cvmfs"
+TARGET_REF_LABEL = "containerd.io/snapshot.ref"
+LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
+_DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+
+
+def layer_digest(labels: Mapping[str, str]) -> Optional[str]:
+    """The hex of the layer digest a lazy Prepare names, or None when it names none.
+    A digest of another form is refused (InvalidArgument), not ignored."""
+    raw = labels.get(LAYER_DIGEST_LABEL)
+    if raw is None:
+        return None
+    m = _DIGEST_RE.match(raw)
+    if not m:
+        raise InvalidArgument(
+            f"label {LAYER_DIGEST_LABEL}={raw!r} is not a layer digest (sha256:<64 hex>)")
+    return m.group(1)
+
+
+class CvmfsLayers:
+    """Finds published layers, records remote snapshots and mounts them."""
+
+    def __init__(self, layout: SnapshotterLayout, cvmfs_root: str,
+                 repositories: Collection[str]) -> None:
+        self.layout = layout
+        self.cvmfs_root = cvmfs_root
+        self.repositories = tuple(sorted(repositories))
+        self.markers = thinstack.MarkerCache(layout.marker_cache_dir, cvmfs_root)
+        self._locks: Dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ finding
+
+    def find(self, hexdigest: str) -> Optional[thin.ThinLayer]:
+        """The published layer `hexdigest` in the first allowed repository that has it."""
+        for repo in self.repositories:
+            layer = thin.ThinLayer(repo, thin.layer_path(hexdigest), hexdigest)
+            try:
+                thin.resolve_layer_dir(self.cvmfs_root, layer)
+            except DriverError:
+                continue
+            return layer
+        return None
+
+    @staticmethod
+    def record(layers: List[thin.ThinLayer], has_parent: bool) -> Dict[str, Any]:
+        return {"type": TYPE, "has_parent": has_parent,
+                "layers": [{"repo": la.repo, "path": la.path, "digest": la.digest}
+                           for la in layers]}
+
+    # ------------------------------------------------------------------ mounting
+
+    def descriptor(self, remote: Mapping[str, Any]) -> thin.Descriptor:
+        """The layers of a remote record, checked again: names, paths, the allow-list
+        (a repository dropped from `repositories` is no longer mounted)."""
+        layers = remote.get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise FailedPrecondition(f"remote snapshot record without layers: {dict(remote)}")
+        entries = [{"url": f"cvmfs://{e.get('repo')}/{e.get('path')}",
+                    "digest": e.get("digest", "")} if isinstance(e, dict) else e
+                   for e in layers]
+        try:
+            return thin.Descriptor("1.0", tuple(
+                thin.parse_layer(e, i, frozenset(self.repositories))
+                for i, e in enumerate(entries)))
+        except thin.DescriptorError as e:
+            raise FailedPrecondition(str(e)) from None
+
+    def lower_dirs(self, lower: Lower) -> List[str]:
+        """The directories a remote snapshot stands for in a child's lowerdir, top first:
+        its CVMFS layers (resolved inside their repositories) with the masks between."""
+        assert lower.remote is not None
+        desc = self.descriptor(lower.remote)
+        try:
+            real = [thin.resolve_layer_dir(self.cvmfs_root, la) for la in desc.layers]
+        except DriverError as e:
+            raise FailedPrecondition(str(e)) from None
+        masks_dir = self.layout.masks(lower.id)
+        with self._locked(lower.id):
+            masks = thinstack.build_masks(desc, real, masks_dir,
+                                          self.layout.masks_index(lower.id), self.markers)
+        return [d for _, d in thinstack.stack_dirs(
+            real, masks, masks_dir, bool(lower.remote.get("has_parent")))]
+
+    @contextlib.contextmanager
+    def _locked(self, sid: str) -> Iterator[None]:
+        with self._locks_lock:
+            lock = self._locks.setdefault(sid, threading.Lock())
+        with lock:
+            yield
+
+
+def remote_of(thin_dir: str, repositories: Collection[str]) -> Optional[List[thin.ThinLayer]]:
+    """The CVMFS layers a committed snapshot's fs stands for, if it is a thin image's
+    layer (only thin.json); None otherwise. InvalidArgument for a descriptor this node
+    must not use (a repository not allowed, a path that escapes)."""
+    try:
+        desc = thin.descriptor_in(thin_dir, repositories)
+    except thin.DescriptorError as e:
+        raise InvalidArgument(f"thin image layer cannot be used: {e}") from None
+    return list(desc.layers) if desc is not None else None
