@@ -321,3 +321,67 @@ def test_crash_at_each_step_leaves_whole_snapshots_only(tmp_path, point, present
 def _id_of(mounts) -> str:
     upper = next(o for o in mounts[0].options if o.startswith("upperdir="))
     return os.path.basename(os.path.dirname(upper.split("=", 1)[1]))
+
+
+def test_commit_hook_records_a_thin_layer_as_remote(sn, tmp_path):
+    """The hook for thin images: at Commit, a hook that recognises the layer's files
+    (thin.json) records the snapshot as remote; children mount the resolver's dirs instead
+    of its fs/. A hook that refuses the layer refuses the commit and changes nothing."""
+    layer = tmp_path / "layerfs"
+    (layer / "bin").mkdir(parents=True)
+
+    def hook(fs: str):
+        path = os.path.join(fs, "thin.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            text = f.read()
+        if "forbidden" in text:
+            raise InvalidArgument("thin image layer cannot be used: repository not allowed")
+        return {"type": "thin-test", "dir": text}
+
+    sn.add_commit_hook(hook)
+    sn.register_remote("thin-test", lambda layout, lower: [lower.remote["dir"]])
+    with mounted(sn.prepare("regular", ""), str(tmp_path / "m0")) as m, \
+            open(f"{m}/file", "w") as f:
+        f.write("x")
+    sn.commit("R", "regular")  # no thin.json: a regular committed snapshot
+    with mounted(sn.prepare("thin", "R"), str(tmp_path / "m1")) as m, \
+            open(f"{m}/thin.json", "w") as f:
+        f.write(str(layer))
+    sn.commit("T", "thin")
+    mounts = sn.prepare("child", "T")
+    assert mounts[0].options[-1] == f"lowerdir={layer}:{sn.layout.fs('1')}"
+    with mounted(sn.prepare("bad", "R"), str(tmp_path / "m2")) as m, \
+            open(f"{m}/thin.json", "w") as f:
+        f.write("forbidden")
+    with pytest.raises(InvalidArgument, match="not allowed"):
+        sn.commit("B", "bad")
+    assert sn.stat("bad").kind == KIND_ACTIVE
+    assert "B" not in [i.name for i in sn.walk()]
+
+
+def test_prepare_hook_answers_already_exists_after_recording_a_remote_layer(sn, tmp_path):
+    """The hook for lazy pulls: Prepare with a snapshot.ref label whose layer is
+    available records it as a committed remote snapshot and answers AlreadyExists;
+    containerd then finds it by label and parent."""
+    layer = tmp_path / "layerfs"
+    layer.mkdir()
+
+    def hook(snapshotter, key, parent, labels):
+        ref = labels.get("containerd.io/snapshot.ref")
+        if ref:
+            snapshotter.commit_remote(ref, parent, {"type": "lazy-test", "dir": str(layer)},
+                                      labels={"containerd.io/snapshot.ref": ref})
+            raise AlreadyExists(f"target snapshot {ref!r}")
+
+    sn.add_prepare_hook(hook)
+    sn.register_remote("lazy-test", lambda layout, lower: [lower.remote["dir"]])
+    with pytest.raises(AlreadyExists):
+        sn.prepare("ns/1/extract-1 sha256:c1", "",
+                   {"containerd.io/snapshot.ref": "sha256:c1"})
+    assert [i.name for i in sn.walk(
+        ['labels."containerd.io/snapshot.ref"==sha256:c1,parent==""'])] == ["sha256:c1"]
+    assert "ns/1/extract-1 sha256:c1" not in [i.name for i in sn.walk()]
+    # a view of a remote parent that expands to one directory is a read-only bind of it
+    assert sn.view("v", "sha256:c1") == [Mount("bind", str(layer), ("ro", "rbind"))]

@@ -342,13 +342,19 @@ class Transaction:
         return Snapshot(kind=kind, id=str(new_id), parents=parents)
 
     def commit_active(self, key: str, name: str, usage: Usage,
-                      labels: Optional[Mapping[str, str]] = None) -> str:
+                      labels: Optional[Mapping[str, str]] = None,
+                      remote: Optional[Mapping[str, Any]] = None) -> str:
         """Rename active `key` to committed `name`, keeping its id (storage.CommitActive).
 
-        The labels are replaced, not inherited; created and updated are now."""
+        The labels are replaced, not inherited; created and updated are now. With `remote`
+        (a thin image's layer, say), the committed snapshot is recorded as remote: children
+        mount what its resolver returns instead of its fs/."""
         self._need_write()
         if not name:
             raise InvalidArgument("committed snapshot name must not be empty")
+        if remote is not None and (not isinstance(remote.get("type"), str)
+                                   or not remote["type"]):
+            raise InvalidArgument(f"remote record of {name} has no \"type\": {dict(remote)}")
         if self._row(name) is not None:
             raise AlreadyExists(f"committed snapshot {name}")
         row = self._row(key)
@@ -359,9 +365,12 @@ class Transaction:
         t = now_ns()
         self._db.execute(
             "UPDATE snapshots SET key = ?, kind = ?, created_ns = ?, updated_ns = ?, "
-            "size = ?, inodes = ?, labels = ? WHERE id = ?",
+            "size = ?, inodes = ?, labels = ?, remote = ? WHERE id = ?",
             (name, KIND_COMMITTED, t, t, usage.size, usage.inodes,
-             _labels_json(clean_labels(labels)), row[0]))
+             _labels_json(clean_labels(labels)),
+             None if remote is None else json.dumps(dict(remote), sort_keys=True,
+                                                    separators=(",", ":")),
+             row[0]))
         return str(row[0])
 
     def create_committed(self, name: str, parent: str, remote: Mapping[str, Any],

@@ -54,6 +54,12 @@ log = logging.getLogger(__name__)
 
 # Lower directories (top first) of a remote committed snapshot.
 RemoteResolver = Callable[[SnapshotterLayout, Lower], List[str]]
+# Called with (snapshotter, key, parent, labels) before a Prepare creates anything: may
+# record a remote snapshot (commit_remote) and raise AlreadyExists (lazy pulls).
+PrepareHook = Callable[["OverlaySnapshotter", str, str, Mapping[str, str]], None]
+# Called with the fs/ directory of an active snapshot about to be committed: a remote
+# record to commit it as (a thin image's layer), or None. Its errors refuse the commit.
+CommitHook = Callable[[str], Optional[Dict[str, Any]]]
 
 BLOCK_UNIT = 512  # st_blocks unit
 
@@ -95,6 +101,8 @@ class OverlaySnapshotter:
         self.layout = SnapshotterLayout(os.path.abspath(home))
         self.sync_commits = sync_commits
         self._resolvers: Dict[str, RemoteResolver] = {}
+        self._prepare_hooks: List[PrepareHook] = []
+        self._commit_hooks: List[CommitHook] = []
         self._closed = False
         self._removing = threading.Lock()  # serialises directory deletions (not metadata)
         home = self.layout.home
@@ -123,6 +131,19 @@ class OverlaySnapshotter:
         """Mount remote committed snapshots whose record has "type": `kind` with the
         directories `resolver` returns (top first)."""
         self._resolvers[kind] = resolver
+
+    def add_prepare_hook(self, hook: PrepareHook) -> None:
+        self._prepare_hooks.append(hook)
+
+    def add_commit_hook(self, hook: CommitHook) -> None:
+        self._commit_hooks.append(hook)
+
+    def _remote_of(self, sid: str) -> Optional[Dict[str, Any]]:
+        for hook in self._commit_hooks:
+            record = hook(self.layout.fs(sid))
+            if record is not None:
+                return record
+        return None
 
     def commit_remote(self, name: str, parent: str, remote: Mapping[str, Any],
                       labels: Optional[Mapping[str, str]] = None,
@@ -166,6 +187,8 @@ class OverlaySnapshotter:
 
     def prepare(self, key: str, parent: str,
                 labels: Optional[Mapping[str, str]] = None) -> List[Mount]:
+        for hook in self._prepare_hooks:
+            hook(self, key, parent, labels or {})
         return self._create(KIND_ACTIVE, key, parent, labels)
 
     def view(self, key: str, parent: str,
@@ -185,14 +208,16 @@ class OverlaySnapshotter:
         with self.ms.transaction() as tx:
             sid = tx.get_info(key)[0]
         usage = disk_usage(self.layout.fs(sid))
+        remote = self._remote_of(sid)
         if self.sync_commits:
             host_mounts.syncfs(self.layout.fs(sid))
         with self.ms.transaction(write=True) as tx:
             now_id = tx.get_info(key)[0]
             if now_id != sid:  # removed and prepared again meanwhile: measure that one
                 usage = disk_usage(self.layout.fs(now_id))
+                remote = self._remote_of(now_id)
             try:
-                tx.commit_active(key, name, usage, labels)
+                tx.commit_active(key, name, usage, labels, remote)
             except SnapshotterError as e:
                 raise e.wrap("failed to commit snapshot") from None
 
