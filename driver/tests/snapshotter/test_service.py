@@ -148,6 +148,22 @@ def test_refuses_a_socket_path_in_use_or_not_a_socket(root, tmp_path):
     assert plain.read_text() == "not a socket"
 
 
+def test_one_daemon_per_home(root, tmp_path):
+    first = Daemon(str(tmp_path / "first")).start()
+    try:
+        r = subprocess.run([sys.executable, "-m", "cvmfs_graphdriver", "snapshotter",
+                            "--config", first.config, "--home", first.home,
+                            "--socket", str(tmp_path / "second.sock")],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2
+        assert f"another snapshotter is using {first.home}" in r.stderr
+        assert answers(first.socket)
+    finally:
+        assert first.stop() == 0
+    again = Daemon(str(tmp_path / "first")).start()  # released on exit
+    assert again.stop() == 0
+
+
 def test_stale_socket_of_a_killed_daemon_is_replaced(root, tmp_path):
     d = Daemon(str(tmp_path / "d")).start()
     d.kill9()

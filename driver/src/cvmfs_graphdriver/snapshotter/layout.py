@@ -1,6 +1,7 @@
 """The snapshotter's home, laid out as containerd's overlayfs snapshotter lays out its root.
 
     <home>/metadata.db             snapshot metadata (SQLite, see metastore.py)
+    <home>/lock                    flock()ed by the daemon using the home (one at a time)
     <home>/snapshots/<id>/fs/      the snapshot's files: the upper dir of an active
                                    snapshot, a lower dir once committed
     <home>/snapshots/<id>/work/    overlay work dir (active snapshots only)
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 SNAPSHOTS_DIR = "snapshots"
 STAGING_DIR = "staging"
 METADATA_DB = "metadata.db"
+LOCK_FILE = "lock"
 MARKERS_DIR = "markers"
 
 
@@ -40,6 +42,10 @@ class SnapshotterLayout:
     @property
     def metadata_db(self) -> str:
         return os.path.join(self.home, METADATA_DB)
+
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.home, LOCK_FILE)
 
     @property
     def marker_cache_dir(self) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -107,6 +108,23 @@ class OverlaySnapshotter:
         self._removing = threading.Lock()  # serialises directory deletions (not metadata)
         home = self.layout.home
         os.makedirs(home, mode=0o700, exist_ok=True)
+        # One daemon per home (containerd's bolt file is locked the same way): a second
+        # one would sweep the first one's staging/ and race on every directory.
+        self._lock_fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SnapshotterError(
+                f"another snapshotter is using {home}; stop it first, or use another --home"
+            ) from None
+        try:
+            self._open(home, index_off, userxattr)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _open(self, home: str, index_off: Optional[bool], userxattr: Optional[bool]) -> None:
         for d in (self.layout.snapshots, self.layout.staging):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(d, 0o700)
@@ -246,6 +264,7 @@ class OverlaySnapshotter:
         if not self._closed:
             self._closed = True
             self.ms.close()
+            os.close(self._lock_fd)  # releases the home
 
     # ------------------------------------------------------------------ internals
 
