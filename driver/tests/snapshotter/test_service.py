@@ -24,8 +24,8 @@ def root():
 
 
 @pytest.fixture
-def daemon(root, tmp_path):
-    d = Daemon(str(tmp_path / "d")).start()
+def daemon(root, new_daemon):
+    d = new_daemon().start()
     yield d
     d.stop()
 
@@ -45,12 +45,12 @@ def _state(client: Client, daemon: Daemon):
     return infos, dirs, os.listdir(os.path.join(daemon.home, "staging"))
 
 
-def test_socket_0600_readiness_and_clean_sigterm(root, tmp_path):
+def test_socket_0600_readiness_and_clean_sigterm(root, tmp_path, new_daemon):
     notify_path = str(tmp_path / "notify")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
     notify.settimeout(60)
-    d = Daemon(str(tmp_path / "d"), env=dict(os.environ, NOTIFY_SOCKET=notify_path))
+    d = new_daemon(env=dict(os.environ, NOTIFY_SOCKET=notify_path))
     d.start()
     try:
         message = notify.recv(4096).decode()
@@ -68,13 +68,13 @@ def test_socket_0600_readiness_and_clean_sigterm(root, tmp_path):
     assert "Traceback" not in d.log()
 
 
-def test_sigterm_that_lands_on_another_thread_stops_it_promptly(root, tmp_path):
+def test_sigterm_that_lands_on_another_thread_stops_it_promptly(root, new_daemon):
     """A process-directed SIGTERM may be delivered to any thread (gRPC runs many): send it
     to one that is not the main thread, as the kernel may, and the daemon still stops."""
     import ctypes
 
     need(platform.machine() == "x86_64", "the tgkill syscall number below is x86_64's")
-    d = Daemon(str(tmp_path / "d")).start()
+    d = new_daemon().start()
     c = Client(d.socket)
     c.prepare("a")  # gRPC's threads are up
     c.close()
@@ -95,14 +95,14 @@ def test_sigterm_that_lands_on_another_thread_stops_it_promptly(root, tmp_path):
     assert time.monotonic() - started < 15
 
 
-def test_socket_passed_by_systemd(root, tmp_path):
+def test_socket_passed_by_systemd(root, tmp_path, new_daemon):
     """Socket activation: systemd hands over fd 3 (LISTEN_FDS=1, LISTEN_PID); gRPC is
     reached through it, List streams included."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     activated = str(tmp_path / "activated.sock")
     listener.bind(activated)
     listener.listen(16)
-    d = Daemon(str(tmp_path / "d"))
+    d = new_daemon()
     fd = listener.fileno()
     launcher = (
         "import os, sys\n"
@@ -148,8 +148,8 @@ def test_refuses_a_socket_path_in_use_or_not_a_socket(root, tmp_path):
     assert plain.read_text() == "not a socket"
 
 
-def test_one_daemon_per_home(root, tmp_path):
-    first = Daemon(str(tmp_path / "first")).start()
+def test_one_daemon_per_home(root, tmp_path, new_daemon):
+    first = new_daemon("first").start()
     try:
         r = subprocess.run([sys.executable, "-m", "cvmfs_graphdriver", "snapshotter",
                             "--config", first.config, "--home", first.home,
@@ -160,12 +160,12 @@ def test_one_daemon_per_home(root, tmp_path):
         assert answers(first.socket)
     finally:
         assert first.stop() == 0
-    again = Daemon(str(tmp_path / "first")).start()  # released on exit
+    again = new_daemon("first").start()  # released on exit
     assert again.stop() == 0
 
 
-def test_stale_socket_of_a_killed_daemon_is_replaced(root, tmp_path):
-    d = Daemon(str(tmp_path / "d")).start()
+def test_stale_socket_of_a_killed_daemon_is_replaced(root, new_daemon):
+    d = new_daemon().start()
     d.kill9()
     assert os.path.exists(d.socket) and not answers(d.socket)
     d.start()
@@ -235,8 +235,8 @@ def test_stat_update_usage_timestamps(client):
     assert client.usage("a").inodes == 1
 
 
-def test_sigterm_keeps_mounts_and_a_restart_finds_everything(root, tmp_path):
-    d = Daemon(str(tmp_path / "d")).start()
+def test_sigterm_keeps_mounts_and_a_restart_finds_everything(root, tmp_path, new_daemon):
+    d = new_daemon().start()
     c = Client(d.socket)
     with mounted(c.prepare("base"), str(tmp_path / "b")) as m, open(f"{m}/file", "w") as f:
         f.write("base")
@@ -263,11 +263,11 @@ def test_sigterm_keeps_mounts_and_a_restart_finds_everything(root, tmp_path):
     assert d.stop() == 0
 
 
-def test_kill_9_mid_use_loses_no_acknowledged_snapshot(root, tmp_path):
+def test_kill_9_mid_use_loses_no_acknowledged_snapshot(root, new_daemon):
     """Clients prepare and commit as fast as they can; the daemon is killed with SIGKILL
     while they do; restarted, it has every snapshot it acknowledged, nothing half-made,
     and a Cleanup leaves exactly one directory per snapshot."""
-    d = Daemon(str(tmp_path / "d")).start()
+    d = new_daemon().start()
     acked_active, acked_committed = {}, set()
     lock = threading.Lock()
     stop = threading.Event()
