@@ -385,3 +385,15 @@ def test_prepare_hook_answers_already_exists_after_recording_a_remote_layer(sn, 
     assert "ns/1/extract-1 sha256:c1" not in [i.name for i in sn.walk()]
     # a view of a remote parent that expands to one directory is a read-only bind of it
     assert sn.view("v", "sha256:c1") == [Mount("bind", str(layer), ("ro", "rbind"))]
+    # and a remote snapshot is refused where any committed one is
+    with pytest.raises(FailedPrecondition, match="not active"):
+        sn.commit("again", "sha256:c1")
+    with pytest.raises(FailedPrecondition, match="not active or view"):
+        sn.mounts("sha256:c1")
+    assert sn.usage("sha256:c1") == Usage()
+    with pytest.raises(FailedPrecondition, match="child"):
+        sn.remove("sha256:c1")
+    sn.remove("v")
+    sn.remove("sha256:c1")
+    assert [i.name for i in sn.walk()] == []
+    assert os.listdir(sn.layout.snapshots) == []

@@ -224,14 +224,17 @@ class OverlaySnapshotter:
     def commit(self, name: str, key: str,
                labels: Optional[Mapping[str, str]] = None) -> None:
         with self.ms.transaction() as tx:
-            sid = tx.get_info(key)[0]
-        usage = disk_usage(self.layout.fs(sid))
-        remote = self._remote_of(sid)
-        if self.sync_commits:
-            host_mounts.syncfs(self.layout.fs(sid))
+            sid, info, _ = tx.get_info(key)
+        usage, remote = Usage(), None
+        if info.kind == KIND_ACTIVE:  # otherwise commit_active refuses it below
+            usage = disk_usage(self.layout.fs(sid))
+            remote = self._remote_of(sid)
+            if self.sync_commits:
+                host_mounts.syncfs(self.layout.fs(sid))
         with self.ms.transaction(write=True) as tx:
-            now_id = tx.get_info(key)[0]
-            if now_id != sid:  # removed and prepared again meanwhile: measure that one
+            now_id, now_info, _ = tx.get_info(key)
+            if now_id != sid and now_info.kind == KIND_ACTIVE:
+                # removed and prepared again meanwhile: measure that one
                 usage = disk_usage(self.layout.fs(now_id))
                 remote = self._remote_of(now_id)
             try:
