@@ -143,9 +143,12 @@ def snapshotter(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    from .snapshotter import remote
+
     try:
-        return service.run(cfg.snapshotter_home, cfg.snapshotter_socket,
-                           sync_commits=cfg.sync_layers)
+        return service.run(
+            cfg.snapshotter_home, cfg.snapshotter_socket, sync_commits=cfg.sync_layers,
+            setup=lambda sn: remote.install(sn, cfg.cvmfs_root, cfg.repositories))
     except (SnapshotterError, MetaStoreError) as e:
         print(f"cvmfs-graphdriver: {e}", file=sys.stderr)
         return 2

@@ -221,7 +221,7 @@ def test_remote_committed_snapshot_is_mounted_through_its_resolver(sn, tmp_path)
     (layer / "gone").write_text("deleted by the mask")
     calls = []
 
-    def resolver(layout, lower: Lower):
+    def resolver(layout, lower: Lower, has_parent: bool):
         calls.append(lower)
         return [os.path.join(layout.dir(lower.id), "mask"), lower.remote["dir"]]
 
@@ -341,7 +341,7 @@ def test_commit_hook_records_a_thin_layer_as_remote(sn, tmp_path):
         return {"type": "thin-test", "dir": text}
 
     sn.add_commit_hook(hook)
-    sn.register_remote("thin-test", lambda layout, lower: [lower.remote["dir"]])
+    sn.register_remote("thin-test", lambda layout, lower, has_parent: [lower.remote["dir"]])
     with mounted(sn.prepare("regular", ""), str(tmp_path / "m0")) as m, \
             open(f"{m}/file", "w") as f:
         f.write("x")
@@ -376,7 +376,7 @@ def test_prepare_hook_answers_already_exists_after_recording_a_remote_layer(sn, 
             raise AlreadyExists(f"target snapshot {ref!r}")
 
     sn.add_prepare_hook(hook)
-    sn.register_remote("lazy-test", lambda layout, lower: [lower.remote["dir"]])
+    sn.register_remote("lazy-test", lambda layout, lower, has_parent: [lower.remote["dir"]])
     with pytest.raises(AlreadyExists):
         sn.prepare("ns/1/extract-1 sha256:c1", "",
                    {"containerd.io/snapshot.ref": "sha256:c1"})

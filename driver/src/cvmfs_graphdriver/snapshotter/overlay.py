@@ -54,7 +54,8 @@ from .mountspec import Mount, MountOptions, needs_userxattr, snapshot_mounts, su
 log = logging.getLogger(__name__)
 
 # Lower directories (top first) of a remote committed snapshot.
-RemoteResolver = Callable[[SnapshotterLayout, Lower], List[str]]
+# (layout, the remote snapshot, whether it has a parent) -> its lower dirs, top first.
+RemoteResolver = Callable[[SnapshotterLayout, Lower, bool], List[str]]
 # Called with (snapshotter, key, parent, labels) before a Prepare creates anything: may
 # record a remote snapshot (commit_remote) and raise AlreadyExists (lazy pulls).
 PrepareHook = Callable[["OverlaySnapshotter", str, str, Mapping[str, str]], None]
@@ -323,7 +324,8 @@ class OverlaySnapshotter:
 
     def _lower_dirs(self, parents: Iterable[Lower]) -> List[str]:
         dirs: List[str] = []
-        for p in parents:
+        chain = list(parents)
+        for i, p in enumerate(chain):
             if p.remote is None:
                 dirs.append(self.layout.fs(p.id))
                 continue
@@ -333,7 +335,7 @@ class OverlaySnapshotter:
                 raise FailedPrecondition(
                     f"snapshot {p.id} is a remote snapshot of type {kind!r}, which this "
                     "daemon cannot mount")
-            resolved = resolver(self.layout, p)
+            resolved = resolver(self.layout, p, i + 1 < len(chain))
             if not resolved:
                 raise FailedPrecondition(f"remote snapshot {p.id} resolved to no directory")
             dirs.extend(resolved)

@@ -12,7 +12,7 @@ A committed snapshot can come from CVMFS in two ways:
   as usual and then recorded as the remote stack of its descriptor's layers.
 
 Either way the metadata holds {"type": "cvmfs", "layers": [{"repo", "path", "digest"},
-...] (base first), "has_parent": bool}. Mounting a child puts the layers' directories
+...]} (base first). Mounting a child puts the layers' directories
 where the snapshot's own fs would be, with the same whiteout masks between them as the
 graph driver's thin stacks (thinstack.build_masks, built once per snapshot in its
 directory): literal `.wh.*` files that `cvmfs_server ingest` keeps are hidden, and the
@@ -29,9 +29,10 @@ from typing import Any, Collection, Dict, Iterator, List, Mapping, Optional
 
 from .. import thin, thinstack
 from ..errors import DriverError
-from .errdefs import FailedPrecondition, InvalidArgument
+from .errdefs import AlreadyExists, FailedPrecondition, InvalidArgument
 from .layout import SnapshotterLayout
 from .metastore import Lower
+from .overlay import OverlaySnapshotter
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,37 @@ class CvmfsLayers:
         return None
 
     @staticmethod
-    def record(layers: List[thin.ThinLayer], has_parent: bool) -> Dict[str, Any]:
-        return {"type": TYPE, "has_parent": has_parent,
-                "layers": [{"repo": la.repo, "path": la.path, "digest": la.digest}
-                           for la in layers]}
+    def record(layers: List[thin.ThinLayer]) -> Dict[str, Any]:
+        return {"type": TYPE, "layers": [{"repo": la.repo, "path": la.path,
+                                          "digest": la.digest} for la in layers]}
+
+    # ------------------------------------------------------------------ hooks
+
+    def prepare_hook(self, sn: OverlaySnapshotter, key: str, parent: str,
+                     labels: Mapping[str, str]) -> None:
+        """A lazy pull: commit the layer as a remote snapshot under the chain ID
+        containerd names and answer AlreadyExists, if the layer is published."""
+        hexdigest = layer_digest(labels)
+        ref = labels.get(TARGET_REF_LABEL)
+        if hexdigest is None or not ref or not self.repositories:
+            return
+        layer = self.find(hexdigest)
+        if layer is None:
+            log.info("layer sha256:%s is not in %s: containerd downloads it", hexdigest,
+                     ", ".join(self.repositories))
+            return
+        try:
+            sn.commit_remote(ref, parent, self.record([layer]), labels)
+            log.info("layer sha256:%s: remote snapshot %s from %s", hexdigest, ref, layer.url)
+        except AlreadyExists:
+            pass  # pulled before: the same answer
+        raise AlreadyExists(f"target snapshot {ref!r}")
+
+    def commit_hook(self, fs_dir: str) -> Optional[Dict[str, Any]]:
+        """A thin image's layer (only thin.json) is committed as the remote stack of its
+        descriptor's layers; a descriptor this node must not use refuses the commit."""
+        layers = remote_of(fs_dir, self.repositories)
+        return self.record(layers) if layers else None
 
     # ------------------------------------------------------------------ mounting
 
@@ -103,7 +131,8 @@ class CvmfsLayers:
         except thin.DescriptorError as e:
             raise FailedPrecondition(str(e)) from None
 
-    def lower_dirs(self, lower: Lower) -> List[str]:
+    def lower_dirs(self, layout: SnapshotterLayout, lower: Lower,
+                   has_parent: bool) -> List[str]:
         """The directories a remote snapshot stands for in a child's lowerdir, top first:
         its CVMFS layers (resolved inside their repositories) with the masks between."""
         assert lower.remote is not None
@@ -112,12 +141,11 @@ class CvmfsLayers:
             real = [thin.resolve_layer_dir(self.cvmfs_root, la) for la in desc.layers]
         except DriverError as e:
             raise FailedPrecondition(str(e)) from None
-        masks_dir = self.layout.masks(lower.id)
+        masks_dir = layout.masks(lower.id)
         with self._locked(lower.id):
-            masks = thinstack.build_masks(desc, real, masks_dir,
-                                          self.layout.masks_index(lower.id), self.markers)
-        return [d for _, d in thinstack.stack_dirs(
-            real, masks, masks_dir, bool(lower.remote.get("has_parent")))]
+            masks = thinstack.build_masks(desc, real, masks_dir, layout.masks_index(lower.id),
+                                          self.markers)
+        return [d for _, d in thinstack.stack_dirs(real, masks, masks_dir, has_parent)]
 
     @contextlib.contextmanager
     def _locked(self, sid: str) -> Iterator[None]:
@@ -136,3 +164,15 @@ def remote_of(thin_dir: str, repositories: Collection[str]) -> Optional[List[thi
     except thin.DescriptorError as e:
         raise InvalidArgument(f"thin image layer cannot be used: {e}") from None
     return list(desc.layers) if desc is not None else None
+
+
+def install(sn: OverlaySnapshotter, cvmfs_root: str,
+            repositories: Collection[str]) -> CvmfsLayers:
+    """Make `sn` serve layers from CVMFS: lazy pulls, thin images, their mounts."""
+    cv = CvmfsLayers(sn.layout, cvmfs_root, repositories)
+    sn.register_remote(TYPE, cv.lower_dirs)
+    sn.add_prepare_hook(cv.prepare_hook)
+    sn.add_commit_hook(cv.commit_hook)
+    log.info("remote layers from %s under %s", ", ".join(cv.repositories) or "no repository",
+             cvmfs_root)
+    return cv

@@ -270,7 +270,7 @@ class Relay:
 
 
 def run(home: str, socket_path: str, sync_commits: bool = True,
-        setup: Optional[Callable[[OverlaySnapshotter], None]] = None) -> int:
+        setup: Optional[Callable[[OverlaySnapshotter], object]] = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status. Mounts are never touched."""
     snapshotter = OverlaySnapshotter(home, sync_commits=sync_commits)
     if setup is not None:

@@ -1,0 +1,230 @@
+"""Remote snapshots from CVMFS in the snapshotter (issue 8): lazy pulls of layers
+published in DUCC's layout, thin images, and what a container then sees, through real
+overlay mounts. The "repository" is a local directory tree under a stand-in CVMFS root,
+its layers written as `cvmfs_server ingest` keeps them: whiteouts as plain `.wh.*` files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+from sntools import mounted, need
+
+from cvmfs_graphdriver import thin
+from cvmfs_graphdriver.snapshotter import remote
+from cvmfs_graphdriver.snapshotter.errdefs import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+)
+from cvmfs_graphdriver.snapshotter.metastore import KIND_ACTIVE, KIND_COMMITTED
+from cvmfs_graphdriver.snapshotter.overlay import OverlaySnapshotter
+
+REPO = "unpacked.example.org"
+REF = remote.TARGET_REF_LABEL
+DIGEST = remote.LAYER_DIGEST_LABEL
+
+
+def hexof(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def chain(name: str) -> str:
+    return "sha256:" + hexof("chain " + name)
+
+
+class Repo:
+    """A stand-in repository: <root>/<REPO>/.layers/<xx>/<hex>/layerfs trees."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        os.makedirs(os.path.join(root, REPO), exist_ok=True)
+
+    def layer(self, name: str, files: dict) -> str:
+        """Publish `files` ({path: content, path ending in / = dir}); return its hex."""
+        h = hexof(name)
+        fs = os.path.join(self.root, REPO, thin.layer_path(h))
+        os.makedirs(fs)
+        for path, content in files.items():
+            full = os.path.join(fs, path)
+            if path.endswith("/"):
+                os.makedirs(full, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "w") as f:
+                f.write(content)
+        return h
+
+
+@pytest.fixture
+def env(tmp_path):
+    need(os.geteuid() == 0, "needs root (overlay mounts)")
+    repo = Repo(str(tmp_path / "cvmfs"))
+    sn = OverlaySnapshotter(str(tmp_path / "home"), sync_commits=False)
+    remote.install(sn, repo.root, [REPO])
+    yield sn, repo, tmp_path
+    sn.close()
+
+
+def lazy(sn, name: str, h: str, parent: str = "") -> str:
+    """Prepare as containerd's unpacker does for a pull with the CRI labels."""
+    ref = chain(name)
+    with pytest.raises(AlreadyExists):
+        sn.prepare(f"default/1/extract-{name} {ref}", parent,
+                   {REF: ref, DIGEST: f"sha256:{h}",
+                    "containerd.io/snapshot/cri.image-ref": "example.org/app:1"})
+    return ref
+
+
+def listing(root: str) -> list:
+    out = []
+    for d, dirs, files in os.walk(root):
+        rel = os.path.relpath(d, root)
+        out += [os.path.normpath(os.path.join(rel, n)) for n in dirs + files]
+    return sorted(out)
+
+
+def test_a_published_layer_is_committed_remote_and_found_as_containerd_looks(env):
+    sn, repo, tmp = env
+    h = repo.layer("base", {"bin/sh": "shell", "etc/passwd": "root"})
+    ref = lazy(sn, "base", h)
+    found = sn.walk([f'labels."{REF}"=={ref},parent==""'])
+    assert [(i.name, i.kind, i.parent) for i in found] == [(ref, KIND_COMMITTED, "")]
+    # the prepared key itself was never created
+    assert [i.name for i in sn.walk()] == [ref]
+    with mounted(sn.prepare("container", ref), str(tmp / "m")) as m:
+        assert listing(m) == ["bin", "bin/sh", "etc", "etc/passwd"]
+        with open(f"{m}/etc/passwd") as f:
+            assert f.read() == "root"
+        with open(f"{m}/new", "w") as f:
+            f.write("written in the container")
+    layerfs = os.path.join(repo.root, REPO, thin.layer_path(h))
+    assert sorted(os.listdir(layerfs)) == ["bin", "etc"]  # the repository is never written
+    # pulling again: the same answer, nothing new
+    lazy(sn, "base", h)
+    assert sorted(i.name for i in sn.walk()) == ["container", ref]
+
+
+def test_whiteouts_in_published_layers_are_honoured_and_hidden(env):
+    """cvmfs_server ingest keeps .wh.* as plain files; the container must see the upper
+    layer's deletions and opaque directories, and no marker."""
+    sn, repo, tmp = env
+    base = repo.layer("l1", {"etc/motd": "hi", "etc/keep": "k", "data/old/f1": "1",
+                             "gone-dir/x": "x"})
+    top = repo.layer("l2", {"etc/.wh.motd": "", ".wh.gone-dir": "", "data/old/.wh..wh..opq": "",
+                            "data/old/f2": "2", "added": "a"})
+    r1 = lazy(sn, "l1", base)
+    r2 = lazy(sn, "l2", top, parent=r1)
+    with mounted(sn.prepare("c", r2), str(tmp / "m")) as m:
+        assert listing(m) == ["added", "data", "data/old", "data/old/f2", "etc", "etc/keep"]
+    # a view of the same (read-only) agrees
+    with mounted(sn.view("v", r2), str(tmp / "v")) as m:
+        assert listing(m) == ["added", "data", "data/old", "data/old/f2", "etc", "etc/keep"]
+
+
+def test_a_regular_layer_on_a_remote_one_and_the_reverse(env):
+    sn, repo, tmp = env
+    base = repo.layer("b", {"a": "from cvmfs", "b": "from cvmfs"})
+    r1 = lazy(sn, "b", base)
+    # containerd downloads the next layer (not published) and applies it itself
+    missing = hexof("not published")
+    mounts = sn.prepare("extract-2", r1, {REF: chain("2"), DIGEST: f"sha256:{missing}"})
+    with mounted(mounts, str(tmp / "m")) as m:
+        os.remove(f"{m}/a")
+        with open(f"{m}/c", "w") as f:
+            f.write("downloaded")
+    sn.commit(chain("2"), "extract-2")
+    # a published layer above a downloaded one is remote again
+    top = repo.layer("t", {"d": "from cvmfs", ".wh.b": ""})
+    r3 = lazy(sn, "t", top, parent=chain("2"))
+    with mounted(sn.prepare("c", r3), str(tmp / "c")) as m:
+        assert listing(m) == ["c", "d"]
+
+
+def test_digest_of_the_wrong_form_is_refused_and_nothing_changes(env):
+    sn, _, _ = env
+    for bad in ("sha512:" + "a" * 128, "sha256:ABC", "sha256:" + "a" * 63, "a" * 64):
+        with pytest.raises(InvalidArgument, match="not a layer digest"):
+            sn.prepare("k", "", {REF: chain("x"), DIGEST: bad})
+    assert sn.walk() == []
+
+
+def test_without_repositories_or_labels_prepare_is_ordinary(tmp_path):
+    need(os.geteuid() == 0, "needs root")
+    repo = Repo(str(tmp_path / "cvmfs"))
+    h = repo.layer("base", {"f": "x"})
+    sn = OverlaySnapshotter(str(tmp_path / "home"), sync_commits=False)
+    remote.install(sn, repo.root, [])  # nothing allowed
+    try:
+        sn.prepare("k", "", {REF: chain("x"), DIGEST: f"sha256:{h}"})
+        assert sn.stat("k").kind == KIND_ACTIVE
+    finally:
+        sn.close()
+
+
+def test_a_layer_in_a_repository_not_allowed_is_downloaded(env, tmp_path):
+    sn, repo, _ = env
+    other = os.path.join(repo.root, "other.example.org", thin.layer_path(hexof("o")))
+    os.makedirs(other)
+    sn.prepare("k", "", {REF: chain("o"), DIGEST: f"sha256:{hexof('o')}"})
+    assert sn.stat("k").kind == KIND_ACTIVE
+
+
+def test_a_layerfs_that_escapes_its_repository_is_not_used(env):
+    sn, repo, _ = env
+    h = hexof("escape")
+    outside = os.path.join(repo.root, "outside")
+    os.makedirs(outside)
+    link = os.path.join(repo.root, REPO, thin.layer_path(h))
+    os.makedirs(os.path.dirname(link))
+    os.symlink(outside, link)
+    sn.prepare("k", "", {REF: chain("e"), DIGEST: f"sha256:{h}"})
+    assert sn.stat("k").kind == KIND_ACTIVE  # containerd downloads it instead
+
+
+def thin_layer(sn, tmp, key: str, descriptor: dict, parent: str = "") -> None:
+    with mounted(sn.prepare(key, parent), str(tmp / f"w-{key}")) as m, \
+            open(f"{m}/thin.json", "w") as f:
+        json.dump(descriptor, f)
+
+
+def test_a_thin_image_layer_is_mounted_as_its_cvmfs_layers(env):
+    sn, repo, tmp = env
+    l1 = repo.layer("t1", {"bin/sh": "shell", "etc/motd": "hi"})
+    l2 = repo.layer("t2", {"etc/.wh.motd": "", "app/run": "run"})
+    desc = {"version": "1.0", "layers": [
+        {"digest": l1, "url": f"cvmfs://{REPO}/{thin.layer_path(l1)}"},
+        {"digest": l2, "url": f"cvmfs://{REPO}/{thin.layer_path(l2)}"}]}
+    thin_layer(sn, tmp, "extract-thin", desc)
+    sn.commit("sha256:thin", "extract-thin")
+    with mounted(sn.prepare("c", "sha256:thin"), str(tmp / "m")) as m:
+        assert listing(m) == ["app", "app/run", "bin", "bin/sh", "etc"]  # no thin.json
+
+
+@pytest.mark.parametrize("url,why", [
+    ("cvmfs://evil.example.org/.layers/x", "not allowed"),
+    (f"cvmfs://{REPO}/../../etc", "climbs out"),
+])
+def test_a_thin_layer_naming_what_is_not_allowed_is_refused_and_stays_active(env, url, why):
+    sn, _, tmp = env
+    thin_layer(sn, tmp, "bad", {"version": "1.0", "layers": [{"url": url}]})
+    with pytest.raises(InvalidArgument, match=why):
+        sn.commit("sha256:bad", "bad")
+    assert sn.stat("bad").kind == KIND_ACTIVE
+    assert "sha256:bad" not in [i.name for i in sn.walk()]
+
+
+def test_a_layer_gone_from_the_repository_fails_the_mount_clearly(env):
+    sn, repo, _ = env
+    h = repo.layer("vanishing", {"f": "x"})
+    ref = lazy(sn, "vanishing", h)
+    layerfs = os.path.join(repo.root, REPO, thin.layer_path(h))
+    os.rename(layerfs, layerfs + ".away")
+    with pytest.raises(FailedPrecondition, match="is missing"):
+        sn.prepare("c", ref)
+    assert "c" not in [i.name for i in sn.walk()]
+    os.rename(layerfs + ".away", layerfs)
+    sn.prepare("c", ref)
