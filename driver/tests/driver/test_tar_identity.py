@@ -7,7 +7,7 @@ the sha256 of that stream, so ours must be the same bytes, not merely the same f
 
 The reference is `tarref` (conformance/gopath/src/cvmfsconformance/tarref), built from
 Debian's moby 20.10.24 and Go 1.19 sources (the same as Debian 12's dockerd) by
-scripts/build-tarref.sh. Each case fills the upper dir of a real layer (created by our
+scripts/build-go-tool.sh tarref. Each case fills the upper dir of a real layer (created by our
 Driver, its parent the direct parent so that Diff takes the native path) with a tree
 made of one kind of awkward entry, then compares our Diff with `tarref <upper dir>` byte
 for byte. Each case first checks that the reference stream really contains the edge the
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.root
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
-BUILD_SCRIPT = os.path.join(TOP, "scripts", "build-tarref.sh")
+BUILD_SCRIPT = os.path.join(TOP, "scripts", "build-go-tool.sh")
 # As tests/conftest.py's need(): a missing requirement skips locally and fails in CI.
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -70,7 +70,8 @@ def write_our_diff(drv, layer: str, parent: str, out) -> None:
 def tarref() -> str:
     """Path of the reference program, built (or found up to date) by the build script."""
     _need(os.geteuid() == 0, "needs root (the Go toolchain may have to be installed)")
-    r = subprocess.run(["bash", BUILD_SCRIPT], capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(["bash", BUILD_SCRIPT, "tarref"], capture_output=True, text=True,
+                       timeout=1800)
     _need(r.returncode == 0, f"cannot build tarref ({BUILD_SCRIPT}):\n{r.stderr[-3000:]}")
     path = r.stdout.strip().splitlines()[-1]
     assert os.access(path, os.X_OK), f"{BUILD_SCRIPT} printed {path!r}, not a program"
