@@ -9,6 +9,12 @@
 # into OUTDIR/store/REPOSITORY (a repository tree, as a CVMFS publisher would hold it),
 # and leaves OUTDIR/repository.tar (that tree) and OUTDIR/thin-image.tar (docker save of
 # the thin image). A worker node gets the tree at /cvmfs/REPOSITORY and loads the image.
+#
+# With SAMPLE_REGISTRY=HOST:PORT the source image is also pushed there as
+# HOST:PORT/sample:1 and converted from that reference with --digests registry, so its
+# layers sit where containerd's lazy pulls look for them (the registry's compressed
+# digests): a node pulling HOST:PORT/sample:1 through the snapshotter downloads none of
+# them. OUTDIR/layers.txt then lists those digests.
 set -euo pipefail
 out=${1:?usage: sample-thin-image.sh OUTDIR [REPOSITORY] [THIN_TAG]}
 repo=${2:-thin.example.org}
@@ -37,10 +43,24 @@ CMD ["cat", "/etc/sample/base.txt", "/etc/sample/top.txt"]
 DOCKERFILE
 DOCKER_BUILDKIT=0 docker build -q --network none -t sample-thin-source:1 "$work/ctx" >/dev/null
 
+source_ref=sample-thin-source:1
+digests=()
+if [[ -n ${SAMPLE_REGISTRY:-} ]]; then
+  source_ref=$SAMPLE_REGISTRY/sample:1
+  docker tag sample-thin-source:1 "$source_ref"
+  docker push -q "$source_ref" >/dev/null
+  digests=(--digests registry)
+fi
+
 rm -rf "$out/store/$repo"
 mkdir -p "$out/store/$repo"
-"$cvmfs_thin" convert sample-thin-source:1 --store "dir:$out/store/$repo" --repo "$repo" \
-  --tag "$tag"
+"$cvmfs_thin" convert "$source_ref" --store "dir:$out/store/$repo" --repo "$repo" \
+  --tag "$tag" "${digests[@]}"
+if [[ -n ${SAMPLE_REGISTRY:-} ]]; then
+  # The registry's layer digests, as the store holds them (what the node must not fetch).
+  (cd "$out/store/$repo/.layers" && ls -d ./*/* | sed 's|^\./../|sha256:|') >"$out/layers.txt"
+  docker rmi "$source_ref" >/dev/null
+fi
 tar -C "$out/store/$repo" --numeric-owner -cf "$out/repository.tar" .
 docker save -o "$out/thin-image.tar" "$tag"
 docker rmi "$tag" sample-thin-source:1 sample-thin-base:1 >/dev/null

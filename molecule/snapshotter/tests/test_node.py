@@ -1,0 +1,103 @@
+"""What an operator checks on a worker node in snapshotter mode (testinfra, through
+Ansible): Docker 26 on the containerd image store with the cvmfs snapshotter, a pull of
+an image whose layers are published that downloads none of them (the registry's access
+log says so), containers that see the image as overlayfs shows it, a thin image, and a
+snapshotter restart under a running container."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+EPHEMERAL = os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "")
+REGISTRY_DIR = os.path.join(EPHEMERAL, "registry")
+LAZY_DIR = os.path.join(EPHEMERAL, "lazy")
+UNITS = ("cvmfs-graphdriver-snapshotter.socket", "cvmfs-graphdriver-snapshotter.service",
+         "containerd.service", "docker.service")
+
+
+def run_ok(host, *argv: str) -> str:
+    cmd = host.run(" ".join("'" + a.replace("'", "'\\''") + "'" for a in argv))
+    assert cmd.rc == 0, f"{argv} exited {cmd.rc}\nstdout: {cmd.stdout}\nstderr: {cmd.stderr}"
+    return cmd.stdout
+
+
+@pytest.fixture(scope="module")
+def sample() -> str:
+    with open(os.path.join(REGISTRY_DIR, "address")) as f:
+        return f"{f.read().strip()}/sample:1"
+
+
+def registry_log_size() -> int:
+    return os.path.getsize(os.path.join(REGISTRY_DIR, "registry.log"))
+
+
+def registry_log_since(start: int) -> str:
+    with open(os.path.join(REGISTRY_DIR, "registry.log"), errors="replace") as f:
+        f.seek(start)
+        return f.read()
+
+
+def test_docker_runs_on_the_containerd_store_with_the_cvmfs_snapshotter(host):
+    run_ok(host, "systemctl", "is-active", *UNITS)
+    info = json.loads(run_ok(host, "docker", "info", "--format", "{{json .}}"))
+    assert info["Driver"] == "cvmfs"
+    assert ["driver-type", "io.containerd.snapshotter.v1"] in info["DriverStatus"]
+    assert re.search(r"io\.containerd\.snapshotter\.v1\s+cvmfs\s+-\s+ok",
+                     run_ok(host, "ctr", "plugins", "ls"))
+    daemon_json = json.loads(host.file("/etc/docker/daemon.json").content_string)
+    assert daemon_json["features"] == {"containerd-snapshotter": True}
+    assert "experimental" not in daemon_json
+    toml = host.file("/etc/containerd/config.toml").content_string
+    assert "[proxy_plugins.cvmfs]" in toml
+    # Debian's own settings in config.toml are kept
+    assert 'bin_dir = "/usr/lib/cni"' in toml or "[plugins" in toml
+    # the plugin face is off
+    assert not host.service("cvmfs-graphdriver.socket").is_enabled
+
+
+def test_pulling_a_published_image_downloads_none_of_its_layers(host, sample):
+    with open(os.path.join(LAZY_DIR, "layers.txt")) as f:
+        layers = f.read().split()
+    assert len(layers) == 2, layers
+    start = registry_log_size()
+    run_ok(host, "docker", "pull", sample)
+    log = registry_log_since(start)
+    assert "/manifests/" in log, log
+    for digest in layers:
+        assert not re.search(rf'"(?:GET|HEAD) [^"]*/blobs/{digest} ', log), \
+            f"layer {digest} was downloaded:\n{log}"
+    journal = run_ok(host, "journalctl", "-u", "cvmfs-graphdriver-snapshotter", "--no-pager")
+    for digest in layers:
+        assert f"layer {digest}: remote snapshot" in journal
+
+
+def test_containers_see_the_image_as_overlayfs_shows_it(host, sample):
+    out = run_ok(host, "docker", "run", "--rm", "--network", "none", sample, "sh", "-c",
+                 "ls /etc/sample; echo --; ls /data/old; echo --; "
+                 "find / -xdev -name '.wh.*' | wc -l")
+    assert out.split() == ["base.txt", "top.txt", "--", "file2", "--", "0"]
+
+
+def test_a_thin_image_runs(host):
+    run_ok(host, "docker", "load", "-i", "/var/tmp/thin-image.tar")
+    out = run_ok(host, "docker", "run", "--rm", "--network", "none",
+                 "lazy.example.org/sample-thin:1")
+    assert out == "from the base layer\nfrom the top layer\n"
+
+
+def test_restarting_the_snapshotter_leaves_a_running_container_running(host, sample):
+    cid = run_ok(host, "docker", "run", "-d", "--network", "none", sample,
+                 "sleep", "300").strip()
+    try:
+        run_ok(host, "systemctl", "restart", "cvmfs-graphdriver-snapshotter.service")
+        assert run_ok(host, "docker", "inspect", "-f", "{{.State.Running}}", cid).strip() == "true"
+        assert run_ok(host, "docker", "exec", cid, "cat", "/etc/sample/top.txt") == \
+            "from the top layer\n"
+        # and new containers still start through the restarted snapshotter
+        run_ok(host, "docker", "run", "--rm", "--network", "none", sample, "true")
+    finally:
+        run_ok(host, "docker", "rm", "-f", cid)
