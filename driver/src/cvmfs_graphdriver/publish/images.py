@@ -88,6 +88,15 @@ def saved(image: Any, workdir: Optional[str] = None) -> Iterator[SavedImage]:
             manifest = json.load(_member(tf, "manifest.json"))
             if len(manifest) != 1:
                 raise PublishError(f"docker save returned {len(manifest)} images, expected 1")
+            names = set(tf.getnames())
+            wanted = [manifest[0].get("Config", ""), *manifest[0].get("Layers", [])]
+            if not all(wanted) or not set(wanted) <= names:
+                # Docker on the containerd store writes such an archive (and exits 0) for
+                # an image whose layers were never downloaded: pulled lazily.
+                raise PublishError(
+                    f"docker save of {image.id[:19]} holds no data for its config or layers: "
+                    "the engine does not have them (an image pulled lazily through a remote "
+                    "snapshotter?); convert it on a machine that pulled it in full")
             config = json.load(_member(tf, manifest[0]["Config"]))
             yield SavedImage(tf, list(manifest[0]["Layers"]), config)
 
