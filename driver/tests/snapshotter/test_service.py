@@ -97,7 +97,9 @@ def test_sigterm_that_lands_on_another_thread_stops_it_promptly(root, new_daemon
 
 def test_socket_passed_by_systemd(root, tmp_path, new_daemon):
     """Socket activation: systemd hands over fd 3 (LISTEN_FDS=1, LISTEN_PID); gRPC is
-    reached through it, List streams included."""
+    reached through it, List streams included. systemd keeps the socket open across
+    restarts of the service: after one run stops, the next run (the same socket) must be
+    reachable again - stopping must not shut the shared socket down."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     activated = str(tmp_path / "activated.sock")
     listener.bind(activated)
@@ -111,23 +113,38 @@ def test_socket_passed_by_systemd(root, tmp_path, new_daemon):
         f"os.execv(sys.executable, {d.command()!r})\n"
     )
     os.makedirs(d.workdir, exist_ok=True)
-    with open(d.log_path, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-c", launcher], pass_fds=[fd],
-                                stdout=logf, stderr=subprocess.STDOUT)
-    listener.close()  # the daemon holds it now
+
+    def start() -> subprocess.Popen:
+        with open(d.log_path, "ab") as logf:
+            return subprocess.Popen([sys.executable, "-c", launcher], pass_fds=[fd],
+                                    stdout=logf, stderr=subprocess.STDOUT)
+
     try:
-        c = Client(activated)  # connections queue in the backlog until it serves
-        for i in range(130):
-            c.prepare(f"k{i:03}", labels={"n": str(i)})
-        assert len(c.list()) == 130
-        assert c.names("labels.n==129") == ["k129"]
-        assert c.code(c.stat, "nope")[0] == "NOT_FOUND"
-        c.close()
-        assert not os.path.exists(d.socket), "with a socket from systemd it binds none"
+        proc = start()
+        try:
+            c = Client(activated)  # connections queue in the backlog until it serves
+            for i in range(130):
+                c.prepare(f"k{i:03}", labels={"n": str(i)})
+            assert len(c.list()) == 130
+            assert c.names("labels.n==129") == ["k129"]
+            assert c.code(c.stat, "nope")[0] == "NOT_FOUND"
+            c.close()
+            assert not os.path.exists(d.socket), "with a socket from systemd it binds none"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        assert proc.returncode == 0, d.log()
+        proc = start()  # `systemctl restart` of the service: the same socket again
+        try:
+            c = Client(activated)
+            assert c.names("labels.n==7") == ["k007"]
+            c.close()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        assert proc.returncode == 0, d.log()
     finally:
-        proc.terminate()
-        proc.wait(30)
-    assert proc.returncode == 0, d.log()
+        listener.close()
 
 
 def test_refuses_a_socket_path_in_use_or_not_a_socket(root, tmp_path):

@@ -46,7 +46,8 @@ def test_docker_runs_on_the_containerd_store_with_the_cvmfs_snapshotter(host):
     info = json.loads(run_ok(host, "docker", "info", "--format", "{{json .}}"))
     assert info["Driver"] == "cvmfs"
     assert ["driver-type", "io.containerd.snapshotter.v1"] in info["DriverStatus"]
-    assert re.search(r"io\.containerd\.snapshotter\.v1\s+cvmfs\s+-\s+ok",
+    # containerd 1.7 shows a PLATFORMS column (linux/amd64), 1.6 a dash
+    assert re.search(r"io\.containerd\.snapshotter\.v1\s+cvmfs\s+\S+\s+ok",
                      run_ok(host, "ctr", "plugins", "ls"))
     daemon_json = json.loads(host.file("/etc/docker/daemon.json").content_string)
     assert daemon_json["features"] == {"containerd-snapshotter": True}

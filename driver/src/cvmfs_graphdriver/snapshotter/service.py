@@ -18,12 +18,14 @@ import contextlib
 import functools
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
 import stat
 import tempfile
 import threading
+import time
 from concurrent import futures
 from typing import Any, Callable, Iterable, List, Optional, TypeVar
 
@@ -222,17 +224,26 @@ class Relay:
         self._thread.start()
 
     def stop(self) -> None:
+        # Never shutdown() the listener: systemd shares it (the same open socket), and a
+        # shut-down socket refuses every connection until the socket unit restarts -
+        # containerd could not reach the next run of the service.
         self._stopped.set()
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
+        self._thread.join(2)
 
     def _accept_loop(self) -> None:
         while not self._stopped.is_set():
+            # Wait with select rather than a socket timeout: that would set O_NONBLOCK on
+            # the socket systemd shares, for systemd and the next run too.
+            ready, _, _ = select.select([self.listener], [], [], 0.5)
+            if not ready:
+                continue
             try:
                 conn, _ = self.listener.accept()
-            except OSError:
-                if self._stopped.is_set():
-                    return
+            except (BlockingIOError, InterruptedError):
+                continue  # another accept (a previous run still exiting) took it
+            except OSError as e:
+                log.error("relay: accept failed: %s", e)
+                time.sleep(0.1)
                 continue
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
