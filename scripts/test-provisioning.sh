@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tests of the provisioning side: the collection's unit tests, yamllint, ansible-lint
-# (production profile), the collection build, and `molecule test` of the default scenario
+# (production profile), the collection build, and `molecule test` of the default
+# (graph-driver plugin, Debian 12) and snapshotter (containerd store, Debian 13) scenarios
 # on a private dockerd (scripts/molecule-dockerd.sh, started here and stopped afterwards
 # when this script started it). Needs root. scripts/test.sh runs it after the driver
 # tests; run it alone after scripts/setup.sh for the Ansible side only.
@@ -38,16 +39,16 @@ out=$(mktemp -d)
 ansible-galaxy collection build collections/ansible_collections/cvmfs_graphdriver/provisioning \
   --output-path "$out" >/dev/null
 listing=$(tar -tzf "$out"/cvmfs_graphdriver-provisioning-*.tar.gz)
-for f in plugins/modules/docker_daemon_json.py roles/overlay/tasks/main.yml \
+for f in plugins/modules/docker_daemon_json.py plugins/modules/containerd_proxy_plugin.py \
+    roles/overlay/tasks/main.yml \
     roles/cvmfs_client/tasks/main.yml roles/docker_engine/tasks/main.yml \
     roles/graphdriver/tasks/main.yml roles/graphdriver/meta/argument_specs.yml; do
   grep -qx "$f" <<<"$listing" || { echo "collection artifact lacks $f" >&2; exit 1; }
 done
-echo "built $(basename "$out"/*.tar.gz) with the module and the four roles"
+echo "built $(basename "$out"/*.tar.gz) with the modules and the four roles"
 rm -rf "$out"
 done_stage
 
-stage "molecule test (default scenario: Debian 12 systemd node, converge, idempotence, verify)"
 started_dockerd=
 if ! bash scripts/molecule-dockerd.sh status >/dev/null 2>&1; then
   bash scripts/molecule-dockerd.sh start
@@ -56,11 +57,21 @@ fi
 cleanup() { [[ -n $started_dockerd ]] && bash scripts/molecule-dockerd.sh stop; true; }
 trap cleanup EXIT
 eval "$(bash scripts/molecule-dockerd.sh env)"
+
+stage "molecule test (default scenario: Debian 12 node, graph-driver plugin; converge, idempotence, verify)"
 bash scripts/node-image.sh >/dev/null
 mkdir -p .cache/node-apt-archives
 start=$(date +%s)
 molecule test -s default
-echo "molecule test took $(( $(date +%s) - start )) s"
+echo "molecule test -s default took $(( $(date +%s) - start )) s"
+done_stage
+
+stage "molecule test (snapshotter scenario: Debian 13 node, Docker 26 on the containerd store; lazy pull, thin image, restart)"
+NODE_SUITE=trixie bash scripts/node-image.sh >/dev/null
+mkdir -p .cache/node13-apt-archives
+start=$(date +%s)
+molecule test -s snapshotter
+echo "molecule test -s snapshotter took $(( $(date +%s) - start )) s"
 done_stage
 
 echo
