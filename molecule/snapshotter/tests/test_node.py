@@ -54,8 +54,10 @@ def test_docker_runs_on_the_containerd_store_with_the_cvmfs_snapshotter(host):
     assert "experimental" not in daemon_json
     toml = host.file("/etc/containerd/config.toml").content_string
     assert "[proxy_plugins.cvmfs]" in toml
-    # Debian's own settings in config.toml are kept
-    assert 'bin_dir = "/usr/lib/cni"' in toml or "[plugins" in toml
+    assert 'address = "/run/cvmfs-graphdriver/snapshotter.sock"' in toml
+    # the site's own settings (prepare.yml) are kept, comments included
+    assert "# the site's own containerd settings" in toml
+    assert 'path = "/var/lib/containerd/opt"' in toml
     # the plugin face is off
     assert not host.service("cvmfs-graphdriver.socket").is_enabled
 
@@ -99,6 +101,7 @@ def test_restarting_the_snapshotter_leaves_a_running_container_running(host, sam
         assert run_ok(host, "docker", "exec", cid, "cat", "/etc/sample/top.txt") == \
             "from the top layer\n"
         # and new containers still start through the restarted snapshotter
-        run_ok(host, "docker", "run", "--rm", "--network", "none", sample, "true")
+        assert run_ok(host, "docker", "run", "--rm", "--network", "none", sample,
+                      "echo", "new") == "new\n"
     finally:
         run_ok(host, "docker", "rm", "-f", cid)
