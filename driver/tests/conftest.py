@@ -21,6 +21,7 @@ from harness import (  # noqa: E402
     DriverProcess,
     Registry,
     import_busybox,
+    need,
     require_tool,
 )
 
@@ -31,17 +32,7 @@ class CvmfsTree:
     stores: Dict[str, str]  # repository -> the publisher-side tree (dir: store)
 
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PLUGIN_NAME = os.environ.get("CVMFS_GRAPHDRIVER_TEST_PLUGIN", "cvmfs")
-
-
-def need(condition: bool, reason: str) -> None:
-    """Skip (locally) or fail (in CI) when a test's requirement is missing."""
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"requirement missing in CI: {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture

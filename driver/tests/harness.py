@@ -22,7 +22,23 @@ from typing import Dict, Iterator, List, Optional
 PLUGIN_DIR = "/run/docker/plugins"
 
 
-def _wait(cond, timeout: float, what: str, log: Optional[str] = None) -> None:
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip (locally) or fail (in CI, CI=true) when a test's requirement is missing:
+    nothing passes silently for want of a component."""
+    if condition:
+        return
+    import pytest
+
+    if IN_CI:
+        pytest.fail(f"requirement missing in CI: {reason}")
+    pytest.skip(reason)
+
+
+def wait_until(cond, timeout: float, what: str, log: Optional[str] = None) -> None:
+    """Poll `cond` until true; on timeout, fail naming `what` (with the tail of `log`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -35,7 +51,7 @@ def _wait(cond, timeout: float, what: str, log: Optional[str] = None) -> None:
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}{tail}")
 
 
-def _socket_answers(path: str) -> bool:
+def socket_answers(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(path)
@@ -82,7 +98,7 @@ class DriverProcess:
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         logf.close()
-        _wait(lambda: self.proc.poll() is not None or _socket_answers(self.socket), 15,
+        wait_until(lambda: self.proc.poll() is not None or socket_answers(self.socket), 15,
               f"driver socket {self.socket}", self.log_path)
         if self.proc.poll() is not None:
             raise RuntimeError(f"driver exited with {self.proc.returncode}; see {self.log_path}")
@@ -102,7 +118,7 @@ class DriverProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         with contextlib.suppress(FileNotFoundError):
-            if not _socket_answers(self.socket):
+            if not socket_answers(self.socket):
                 os.unlink(self.socket)
 
     def log(self) -> str:
@@ -158,7 +174,7 @@ class Dockerd:
                                 "{{.Server.Version}}"], capture_output=True)
             return r.returncode == 0
 
-        _wait(up, 60, f"dockerd ({self.storage_driver})", self.log_path)
+        wait_until(up, 60, f"dockerd ({self.storage_driver})", self.log_path)
         if self.proc.poll() is not None:
             raise RuntimeError(f"dockerd exited with {self.proc.returncode}; "
                                f"see {self.log_path}:\n{self._log_tail()}")
@@ -241,7 +257,7 @@ class Registry:
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", self.port)) == 0
 
-        _wait(up, 20, "docker-registry", os.path.join(self.root, "registry.log"))
+        wait_until(up, 20, "docker-registry", os.path.join(self.root, "registry.log"))
         return self
 
     def stop(self) -> None:

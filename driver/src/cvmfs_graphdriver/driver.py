@@ -7,6 +7,7 @@ names come from layout.Layout.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -376,15 +377,7 @@ class Driver:
             marker = layout.applying_marker(layer_id)
             write_durably(marker, "")
             diff = layout.diff(layer_id)
-            try:
-                result = archive.apply_tar(stream, diff, whiteouts.OverlayUpper())
-            except DriverError as e:
-                raise DriverError(f"layer {layer_id}: {e}") from None
-            except OSError as e:
-                raise DriverError(
-                    f"layer {layer_id}: applying the layer failed: {e}"
-                    + (" (disk full?)" if e.errno == 28 else "")
-                ) from None
+            result = _apply(layer_id, stream, diff, whiteouts.OverlayUpper())
             size = archive.directory_size(diff)
             try:
                 self.thin.record(layer_id)
@@ -405,11 +398,7 @@ class Driver:
         NaiveDiffDriver.ApplyDiff); the size is what moby's UnpackLayer counts."""
         view = self.get(layer_id)
         try:
-            result = archive.apply_tar(stream, view, whiteouts.Flatten())
-        except DriverError as e:
-            raise DriverError(f"layer {layer_id}: {e}") from None
-        except OSError as e:
-            raise DriverError(f"layer {layer_id}: applying the layer failed: {e}") from None
+            result = _apply(layer_id, stream, view, whiteouts.Flatten())
         finally:
             self.put(layer_id)
         if self.config.sync_layers:
@@ -545,3 +534,15 @@ class Driver:
                 log.error("cleanup: %s", e)
         with self._refs_lock:
             self._refs.clear()
+
+
+def _apply(layer_id: LayerId, stream: IO[bytes], root: str,
+           converter: whiteouts.Converter) -> archive.ApplyResult:
+    """archive.apply_tar, its failures worded for the user with the layer named."""
+    try:
+        return archive.apply_tar(stream, root, converter)
+    except DriverError as e:
+        raise DriverError(f"layer {layer_id}: {e}") from None
+    except OSError as e:
+        raise DriverError(f"layer {layer_id}: applying the layer failed: {e}"
+                          + (" (disk full?)" if e.errno == errno.ENOSPC else "")) from None

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import pytest
+from harness import need
 from layer_tools import make_layer
 
 pytestmark = pytest.mark.root
@@ -40,22 +41,12 @@ pytestmark = pytest.mark.root
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
 BUILD_SCRIPT = os.path.join(TOP, "scripts", "build-go-tool.sh")
-# As tests/conftest.py's need(): a missing requirement skips locally and fails in CI.
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 T = 1_700_000_000  # whole-second base mtime; every entry gets its own second after it
 NS = 1_000_000_000
 GIB = 1 << 30
 
 Name = Union[str, bytes]
-
-
-def _need(condition: bool, reason: str) -> None:
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"requirement missing in CI: {reason}")
-    pytest.skip(reason)
 
 
 # ---------------------------------------------------------------------------- the two sides
@@ -69,10 +60,10 @@ def write_our_diff(drv, layer: str, parent: str, out) -> None:
 @pytest.fixture(scope="session")
 def tarref() -> str:
     """Path of the reference program, built (or found up to date) by the build script."""
-    _need(os.geteuid() == 0, "needs root (the Go toolchain may have to be installed)")
+    need(os.geteuid() == 0, "needs root (the Go toolchain may have to be installed)")
     r = subprocess.run(["bash", BUILD_SCRIPT, "tarref"], capture_output=True, text=True,
                        timeout=1800)
-    _need(r.returncode == 0, f"cannot build tarref ({BUILD_SCRIPT}):\n{r.stderr[-3000:]}")
+    need(r.returncode == 0, f"cannot build tarref ({BUILD_SCRIPT}):\n{r.stderr[-3000:]}")
     path = r.stdout.strip().splitlines()[-1]
     assert os.access(path, os.X_OK), f"{BUILD_SCRIPT} printed {path!r}, not a program"
     return path

@@ -5,25 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
-import pytest
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def need(condition: bool, reason: str) -> None:
-    """As tests/conftest.py's need(): skip locally, fail under CI=true."""
-    if condition:
-        return
-    if IN_CI:
-        pytest.fail(f"requirement missing in CI: {reason}")
-    pytest.skip(reason)
+from harness import need, socket_answers, wait_until
 
 
 def need_grpc() -> None:
@@ -36,21 +23,10 @@ def need_grpc() -> None:
 
 
 def wait_for(cond, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    wait_until(cond, timeout, what)
 
 
-def answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
+answers = socket_answers
 
 
 @dataclass
