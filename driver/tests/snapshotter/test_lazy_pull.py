@@ -91,7 +91,9 @@ def published(ref_dockerd, registry, tmp_path_factory):
     for digest in layers:  # published under the registry's (compressed) digests
         h = digest.split(":", 1)[1]
         assert os.path.isdir(os.path.join(cvmfs_root, REPO, ".layers", h[:2], h, "layerfs"))
-    return {"root": cvmfs_root, "refs": refs, "layers": layers,
+    thin_tar = os.path.join(work, "thin.tar")
+    d.docker("save", "-o", thin_tar, "cgd/lazy-thin:1")
+    return {"root": cvmfs_root, "refs": refs, "layers": layers, "thin_tar": thin_tar,
             "more_layers": registry_layers(d, refs["cgd/lazy:2"])}
 
 
@@ -156,3 +158,14 @@ def test_only_the_run_of_published_layers_from_the_bottom_is_skipped(stack, publ
         assert log.blob_requests(digest) == []
     out = run(containerd, published["refs"]["cgd/lazy:2"], "cat /data/extra /data/kept")
     assert out.split() == ["unpublished", "kept"]
+
+
+def test_a_thin_image_runs_through_ctr(stack, published):
+    """The thin image cvmfs-thin made (one layer: thin.json) imported with ctr: its layer
+    commits as the stack of the published layers, which the container sees."""
+    _, containerd, _ = stack
+    containerd.ctr("images", "import", "--snapshotter", "cvmfs", published["thin_tar"])
+    out = run(containerd, "docker.io/cgd/lazy-thin:1",
+              "test ! -e /etc/group && echo group-deleted; cat /data/kept; ls /data/opq; "
+              "ls / | grep -c thin.json; find / -xdev -name '.wh.*' | wc -l")
+    assert out.split() == ["group-deleted", "kept", "new", "0", "0"]

@@ -139,10 +139,17 @@ def scan_layer(stream: IO[bytes]) -> Tuple[str, List[List[str]], int]:
     return hasher.hexdigest(), names, size
 
 
+# What Docker and containerd put in the environment of an image that sets none; a thin
+# image sets CVMFS_IMAGE, so it must carry the PATH its source would have had.
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 def thin_config(source_config: Dict[str, Any]) -> Dict[str, Any]:
     src = source_config.get("config") or {}
     cfg: Dict[str, Any] = {k: src[k] for k in COPIED_CONFIG_KEYS if src.get(k) is not None}
     env = [e for e in cfg.get("Env") or [] if not e.startswith("CVMFS_IMAGE=")]
+    if not env:
+        env = [DEFAULT_PATH]
     cfg["Env"] = env + ["CVMFS_IMAGE=true"]
     return cfg
 
