@@ -58,8 +58,10 @@ def test_docker_runs_on_the_containerd_store_with_the_cvmfs_snapshotter(host):
     # the site's own settings (prepare.yml) are kept, comments included
     assert "# the site's own containerd settings" in toml
     assert 'path = "/var/lib/containerd/opt"' in toml
-    # the plugin face is off
-    assert not host.service("cvmfs-graphdriver.socket").is_enabled
+    # the plugin face is not deployed, and Docker does not wait for it
+    assert not host.file("/etc/systemd/system/cvmfs-graphdriver.socket").exists
+    assert not host.file("/etc/systemd/system/docker.service.d/10-cvmfs-graphdriver.conf").exists
+    assert host.file("/etc/systemd/system/containerd.service.d/10-cvmfs-snapshotter.conf").exists
 
 
 def test_pulling_a_published_image_downloads_none_of_its_layers(host, sample):
