@@ -185,8 +185,40 @@ def mount_all(mounts, target: str) -> None:
         if ro:
             subprocess.run(["mount", "-o", "remount,ro,bind", target], check=True)
     else:
+        cwd = None
+        if m.type == "overlay" and len(",".join(opts)) >= PAGE_SIZE - 512:
+            cwd, opts = compact_lowerdir(opts)
         subprocess.run(["mount", "-t", m.type, "-o", ",".join(opts), m.source, target],
-                       check=True)
+                       check=True, cwd=cwd)
+
+
+PAGE_SIZE = 4096
+
+
+def compact_lowerdir(opts: List[str]):
+    """containerd's compactLowerdirOption (mount/mount_linux.go): lowerdirs relative to
+    their common directory, which the mount is made from; (None, opts) when there is
+    none but /."""
+    idx = next((i for i, o in enumerate(opts) if o.startswith("lowerdir=")), -1)
+    if idx == -1:
+        return None, opts
+    dirs = opts[idx][len("lowerdir="):].split(":")
+    if len(dirs) == 1:
+        return None, opts
+    lo, hi = min(dirs), max(dirs)
+    n = 0
+    while n < min(len(lo), len(hi)) and lo[n] == hi[n]:
+        n += 1
+    common = lo[:n]
+    if not common:
+        return None, opts
+    # Go's path.Dir: "/a/b/" -> "/a/b", "/a/b/c" -> "/a/b"
+    common = common.rstrip("/") if common.endswith("/") else os.path.dirname(common)
+    if common in ("/", ""):
+        return None, opts
+    common += "/"
+    return common, opts[:idx] + opts[idx + 1:] + [
+        "lowerdir=" + ":".join(d[len(common):] for d in dirs)]
 
 
 def unmount(target: str) -> None:

@@ -228,3 +228,22 @@ def test_a_layer_gone_from_the_repository_fails_the_mount_clearly(env):
     assert "c" not in [i.name for i in sn.walk()]
     os.rename(layerfs + ".away", layerfs)
     sn.prepare("c", ref)
+
+
+def test_a_deep_stack_mounts_though_its_paths_exceed_a_page(env):
+    """40 published layers, each with markers (so masks sit between them): their CVMFS
+    paths alone are far over one page of mount options. containerd then gives overlay
+    the lowerdirs relative to their common directory (compact_lowerdir, as its
+    mount_linux.go); the snapshotter's short links in <home>/l make that possible."""
+    sn, repo, tmp = env
+    ref = ""
+    for i in range(40):
+        files = {f"f{i:02}": str(i), f".wh.f{i - 1:02}" if i else "base": ""}
+        ref = lazy(sn, f"deep{i}", repo.layer(f"deep{i}", files), parent=ref)
+    mounts = sn.prepare("c", ref)
+    lowerdir = next(o for o in mounts[0].options if o.startswith("lowerdir="))
+    assert len(lowerdir.split(":")) >= 79  # 40 layers and the masks between
+    real = sum(len(os.path.realpath(d)) + 1 for d in lowerdir[len("lowerdir="):].split(":"))
+    assert real > 4096  # what overlay would get without the links
+    with mounted(mounts, str(tmp / "m")) as m:
+        assert listing(m) == ["base", "f39"]  # each layer deleted the one below's file

@@ -8,6 +8,9 @@
     <home>/snapshots/<id>/masks/   whiteout masks between the CVMFS layers of a remote
     <home>/snapshots/<id>/masks.json   snapshot (built on first use; the index last)
     <home>/markers/<sha256>.json   the whiteout markers of one CVMFS layer (found once)
+    <home>/l/<short>               short links to CVMFS layers and masks: lowerdirs that
+                                   share <home>/, which containerd shortens (relative to
+                                   it) when a deep stack's options exceed one page
     <home>/staging/                new snapshot directories being made (renamed into
                                    snapshots/ when their metadata commits) and removed
                                    ones being deleted; nothing in it is ever in use
@@ -25,6 +28,7 @@ STAGING_DIR = "staging"
 METADATA_DB = "metadata.db"
 LOCK_FILE = "lock"
 MARKERS_DIR = "markers"
+LINKS_DIR = "l"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,10 @@ class SnapshotterLayout:
     @property
     def lock(self) -> str:
         return os.path.join(self.home, LOCK_FILE)
+
+    @property
+    def links(self) -> str:
+        return os.path.join(self.home, LINKS_DIR)
 
     @property
     def marker_cache_dir(self) -> str:

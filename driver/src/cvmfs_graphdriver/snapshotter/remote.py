@@ -21,8 +21,11 @@ deletions and opaque directories they stand for take effect.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import logging
+import os
 import re
 import threading
 from typing import Any, Collection, Dict, Iterator, List, Mapping, Optional
@@ -40,6 +43,7 @@ TYPE = "cvmfs"
 TARGET_REF_LABEL = "containerd.io/snapshot.ref"
 LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
 _DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+SHORT_LINK = 10  # characters of a link name in <home>/l (base32 of the target's sha256)
 
 
 def layer_digest(labels: Mapping[str, str]) -> Optional[str]:
@@ -145,7 +149,32 @@ class CvmfsLayers:
         with self._locked(lower.id):
             masks = thinstack.build_masks(desc, real, masks_dir, layout.masks_index(lower.id),
                                           self.markers)
-        return [d for _, d in thinstack.stack_dirs(real, masks, masks_dir, has_parent)]
+        return [self._short_link(layout, d)
+                for _, d in thinstack.stack_dirs(real, masks, masks_dir, has_parent)]
+
+    def _short_link(self, layout: SnapshotterLayout, target: str) -> str:
+        """`<home>/l/<short>` -> target. containerd gives overlay its lowerdirs relative to
+        their common directory when the options exceed one page; CVMFS paths share none
+        with the home, so without these links a deep image could not be mounted (the
+        graph driver's l/ links, for the same reason). The name is derived from the
+        target, so the same directory always gets the same link."""
+        short = base64.b32encode(hashlib.sha256(os.fsencode(target)).digest()).decode()
+        for length in (SHORT_LINK, 26, 52):
+            link = os.path.join(layout.links, short[:length])
+            try:
+                if os.readlink(link) == target:
+                    return link
+                continue  # another target under this name (a collision): a longer name
+            except FileNotFoundError:
+                pass
+            os.makedirs(layout.links, mode=0o700, exist_ok=True)
+            tmp = f"{link}.{threading.get_ident()}.tmp"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.symlink(target, tmp)
+            os.rename(tmp, link)
+            return link
+        raise FailedPrecondition(f"no free short link for {target}")
 
     @contextlib.contextmanager
     def _locked(self, sid: str) -> Iterator[None]:
