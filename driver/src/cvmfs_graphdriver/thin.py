@@ -38,6 +38,11 @@ MAX_THIN_LAYERS = 125  # dockerd's own cap on image layers
 MAX_DESCRIPTOR_BYTES = 1 << 20
 CONFIG_HINT = "`repositories` in /etc/cvmfs-graphdriver/config.ini"
 
+# Files CernVM-FS's server keeps in a published tree for itself (`cvmfs_server ingest
+# --catalog` puts an empty .cvmfscatalog at the root of each layer): never part of an
+# image, so containers must not see them.
+CVMFS_BOOKKEEPING = frozenset({".cvmfscatalog", ".cvmfsautocatalog", ".cvmfsdirtab"})
+
 # DUCC's repository layout: where a layer (keyed by its digest) and a flattened image sit.
 LAYERS_DIR = ".layers"
 FLAT_DIR = ".flat"

@@ -205,14 +205,22 @@ class MarkerCache:
         self.cvmfs_root = cvmfs_root
 
     def get(self, layer: thin.ThinLayer, real_dir: str) -> LayerMarkers:
+        # v2: bookkeeping files are hidden too (older entries did not list them)
         path = os.path.join(self.cache_dir, hashlib.sha256(
-            f"{layer.repo}/{layer.path}".encode()).hexdigest() + ".json")
+            f"{layer.repo}/{layer.path}".encode()).hexdigest() + ".v2.json")
         try:
             with open(path, encoding="utf-8") as f:
                 return LayerMarkers.from_json(f.read())
         except (FileNotFoundError, ValueError, KeyError):
             pass
-        markers = self._published_index(layer, real_dir) or LayerMarkers.scan(real_dir)
+        markers = self._published_index(layer, real_dir)
+        if markers is not None:
+            # The index lists the image's files; what the server added at the layer's root
+            # (.cvmfscatalog from `ingest --catalog`) is found by a look at that directory.
+            markers.markers += sorted(n for n in thin.CVMFS_BOOKKEEPING
+                                      if os.path.lexists(os.path.join(real_dir, n)))
+        else:
+            markers = LayerMarkers.scan(real_dir, thin.CVMFS_BOOKKEEPING)
         os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
         atomic_write(path, markers.to_json())
         log.info("CVMFS layer %s: %d whiteout markers", layer.url, len(markers.markers))

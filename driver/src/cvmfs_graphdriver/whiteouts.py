@@ -26,7 +26,7 @@ import json
 import os
 import stat
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Set, Tuple, Union
+from typing import Collection, Iterable, List, Optional, Set, Tuple, Union
 
 from . import fdtree
 from .errors import UnsafeLayerError
@@ -219,7 +219,7 @@ def deletion_header(path: str, mtime: int) -> Header:
 class LayerMarkers:
     """The markers of one published layer (paths relative, '/'-separated)."""
 
-    markers: List[str]  # every marker file itself (to hide)
+    markers: List[str]  # files the mask above hides: every marker, CVMFS bookkeeping
     deleted: List[str]  # paths the layer deletes from below
     opaque: List[str]  # directories the layer makes opaque ("" is the root)
 
@@ -261,9 +261,10 @@ class LayerMarkers:
         return out
 
     @classmethod
-    def scan(cls, layer_dir: str) -> LayerMarkers:
+    def scan(cls, layer_dir: str, also_hide: Collection[str] = ()) -> LayerMarkers:
         """From a published layer directory, by listing directories only (no file is
-        opened: on CVMFS that would fetch it)."""
+        opened: on CVMFS that would fetch it). Files named in `also_hide` (bookkeeping of
+        the layer store) are to be hidden too."""
         out = cls([], [], [])
         stack = [""]
         while stack:
@@ -273,6 +274,8 @@ class LayerMarkers:
             for entry in entries:
                 if entry.name.startswith(PREFIX):
                     out.add(rel, entry.name)
+                elif entry.name in also_hide and not entry.is_dir(follow_symlinks=False):
+                    out.markers.append(_join(rel, entry.name))
                 elif entry.is_dir(follow_symlinks=False):
                     stack.append(_join(rel, entry.name))
         return out

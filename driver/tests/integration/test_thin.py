@@ -354,6 +354,7 @@ def _ducc_base(fs: str) -> None:
     put(fs, "data/owned/o1", "o1", owner=(1234, 5678))
     put(fs, "data/owned/o2", "o2", owner=(1234, 5678))
     put(fs, "data/.wh.never-existed", "")  # a marker in the base layer: hidden too
+    put(fs, ".cvmfscatalog", "")  # what `cvmfs_server ingest --catalog` leaves at the root
     os.chmod(os.path.join(fs, "data"), 0o751)
 
 
@@ -368,6 +369,8 @@ def _ducc_middle(fs: str) -> None:
     put(fs, "data/owned", None, 0o750, (1234, 5678))
     put(fs, "data/owned/.wh.o1", "")
     put(fs, "data/added", "added")
+    put(fs, ".cvmfscatalog", "")
+    put(fs, "data/opq/.cvmfscatalog", "")  # a nested catalog
     os.chmod(os.path.join(fs, "data"), 0o751)
     os.chmod(os.path.join(fs, "data/sticky"), 0o1777)
 
@@ -378,12 +381,14 @@ def _ducc_top(fs: str) -> None:
     put(fs, "data/.wh.added", "")
     put(fs, "data/gone-dir/back", "back")
     put(fs, "etc/.wh.group", "")
+    put(fs, ".cvmfscatalog", "")
     os.chmod(os.path.join(fs, "data"), 0o751)
 
 
 DUCC_CHECK = """\
 set -e
 test -z "$(find / -xdev -name '.wh.*')"
+test -z "$(find / -xdev -name '.cvmfscatalog')"
 test "$(ls -A /data)" = "gone-dir
 keep
 opq

@@ -110,12 +110,14 @@ def test_a_published_layer_is_committed_remote_and_found_as_containerd_looks(env
 
 def test_whiteouts_in_published_layers_are_honoured_and_hidden(env):
     """cvmfs_server ingest keeps .wh.* as plain files; the container must see the upper
-    layer's deletions and opaque directories, and no marker."""
+    layer's deletions and opaque directories, and no marker, and no CVMFS bookkeeping."""
     sn, repo, tmp = env
     base = repo.layer("l1", {"etc/motd": "hi", "etc/keep": "k", "data/old/f1": "1",
-                             "gone-dir/x": "x"})
+                             "gone-dir/x": "x", ".cvmfscatalog": ""})
+    # .cvmfscatalog: what `cvmfs_server ingest --catalog` leaves (at the root, nested)
     top = repo.layer("l2", {"etc/.wh.motd": "", ".wh.gone-dir": "", "data/old/.wh..wh..opq": "",
-                            "data/old/f2": "2", "added": "a"})
+                            "data/old/f2": "2", "added": "a", ".cvmfscatalog": "",
+                            "data/.cvmfscatalog": ""})
     r1 = lazy(sn, "l1", base)
     r2 = lazy(sn, "l2", top, parent=r1)
     with mounted(sn.prepare("c", r2), str(tmp / "m")) as m:

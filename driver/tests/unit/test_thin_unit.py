@@ -437,3 +437,15 @@ def test_a_file_is_not_a_layer(cvmfs_root):
         f.write("x")
     with pytest.raises(DriverError, match="is missing"):
         thin.resolve_layer_dir(cvmfs_root, layer("file"))
+
+
+def test_a_scan_also_hides_cvmfs_bookkeeping_files(tmp_path):
+    root = tmp_path / "layerfs"
+    (root / "a").mkdir(parents=True)
+    for rel in (".cvmfscatalog", "a/.cvmfscatalog", "a/.wh.x", "a/keep"):
+        (root / rel).write_text("")
+    (root / ".cvmfsdirtab").mkdir()  # a directory of that name is an image's own
+    m = LayerMarkers.scan(str(root), thin.CVMFS_BOOKKEEPING)
+    assert sorted(m.markers) == [".cvmfscatalog", "a/.cvmfscatalog", "a/.wh.x"]
+    assert m.deleted == ["a/x"] and m.opaque == []
+    assert LayerMarkers.scan(str(root)).markers == ["a/.wh.x"]
