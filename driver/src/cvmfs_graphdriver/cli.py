@@ -148,7 +148,8 @@ def snapshotter(args: argparse.Namespace) -> int:
     try:
         return service.run(
             cfg.snapshotter_home, cfg.snapshotter_socket, sync_commits=cfg.sync_layers,
-            setup=lambda sn: remote.install(sn, cfg.cvmfs_root, cfg.repositories))
+            setup=lambda sn: remote.install(sn, cfg.cvmfs_root, cfg.repositories,
+                                            cfg.snapshotter_trust_unrecorded_layers))
     except (SnapshotterError, MetaStoreError) as e:
         print(f"cvmfs-graphdriver: {e}", file=sys.stderr)
         return 2

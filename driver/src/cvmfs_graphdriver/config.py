@@ -22,6 +22,11 @@
     socket = /run/cvmfs-graphdriver/snapshotter.sock
     # Where snapshots and their metadata live (not on overlayfs).
     home = /var/lib/cvmfs-graphdriver/snapshotter
+    # Lazy pulls check that a published layer is the layer containerd asks for: its
+    # recorded diff ID (cvmfs-thin writes .metadata/origin.json) must give the chain ID.
+    # A layer published without one (by DUCC) is then downloaded instead; true serves it
+    # unchecked - only where every image a node pulls is trusted (see the README).
+    trust_unrecorded_layers = false
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ DEFAULT_CONFIG_PATH = "/etc/cvmfs-graphdriver/config.ini"
 SECTION = "driver"
 SNAPSHOTTER_SECTION = "snapshotter"
 # [snapshotter] keys -> Config fields (kept apart from [driver]'s keys)
-SNAPSHOTTER_KEYS = {"socket": "snapshotter_socket", "home": "snapshotter_home"}
+SNAPSHOTTER_KEYS = {"socket": "snapshotter_socket", "home": "snapshotter_home",
+                    "trust_unrecorded_layers": "snapshotter_trust_unrecorded_layers"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -54,6 +60,7 @@ class Config:
     # [snapshotter] section
     snapshotter_socket: str = "/run/cvmfs-graphdriver/snapshotter.sock"
     snapshotter_home: str = "/var/lib/cvmfs-graphdriver/snapshotter"
+    snapshotter_trust_unrecorded_layers: bool = False
 
     def replace(self, **changes: Any) -> Config:
         return validate(dataclasses.replace(self, **{k: v for k, v in changes.items()
@@ -75,7 +82,8 @@ def validate(cfg: Config) -> Config:
     if not os.path.isabs(cfg.socket):
         raise ConfigError(f"socket = {cfg.socket!r}: must be an absolute path")
     for key, field in SNAPSHOTTER_KEYS.items():
-        if not os.path.isabs(getattr(cfg, field)):
+        value = getattr(cfg, field)
+        if isinstance(value, str) and not os.path.isabs(value):
             raise ConfigError(f"[{SNAPSHOTTER_SECTION}] {key} = {getattr(cfg, field)!r}: "
                               "must be an absolute path")
     if not os.path.isabs(cfg.cvmfs_root):
@@ -111,7 +119,9 @@ def parse(text: str, source: str = "<config>") -> Config:
                     raise ConfigError(
                         f"{source}: unknown key {key!r} in [{SNAPSHOTTER_SECTION}]; known "
                         "keys: " + ", ".join(sorted(SNAPSHOTTER_KEYS)))
-                values[SNAPSHOTTER_KEYS[key]] = raw
+                field = SNAPSHOTTER_KEYS[key]
+                values[field] = (_parse_bool(key, raw)
+                                 if isinstance(getattr(Config, field), bool) else raw)
             continue
         if section != SECTION:
             raise ConfigError(f"{source}: unknown section [{section}] (expected [{SECTION}] "

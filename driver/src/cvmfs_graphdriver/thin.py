@@ -20,6 +20,7 @@ CVMFS layer, and cached under the driver home.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -46,6 +47,15 @@ CVMFS_BOOKKEEPING = frozenset({".cvmfscatalog", ".cvmfsautocatalog", ".cvmfsdirt
 # DUCC's repository layout: where a layer (keyed by its digest) and a flattened image sit.
 LAYERS_DIR = ".layers"
 FLAT_DIR = ".flat"
+
+
+# Next to each published layer (`.layers/<xx>/<hex>/.metadata/`, as DUCC lays it out):
+# whiteouts.json (its markers, for the masks) and origin.json (which image published it
+# and, from cvmfs-thin, the layer's uncompressed "diff_id", which lazy pulls verify).
+METADATA_DIR = ".metadata"
+WHITEOUT_INDEX = "whiteouts.json"
+ORIGIN_FILE = "origin.json"
+MAX_METADATA_BYTES = 1 << 24
 
 
 def layer_path(hexdigest: str) -> str:
@@ -232,6 +242,48 @@ def descriptor_in(layer_dir: str, allowed: Iterable[str]) -> Optional[Descriptor
             raise DescriptorError("thin.json is not a regular file")
         data = f.read(MAX_DESCRIPTOR_BYTES + 1)
     return parse_descriptor(data, allowed)
+
+
+def read_layer_metadata(cvmfs_root: str, layer: ThinLayer, real_dir: str,
+                        name: str) -> Optional[bytes]:
+    """A file of a published layer's `.metadata/` (None if there is none), read only if
+    it is a regular file inside the layer's repository: opened non-blocking (a FIFO there
+    must not hang the daemon), at most MAX_METADATA_BYTES."""
+    if os.path.basename(real_dir) != "layerfs":
+        return None
+    path = os.path.join(os.path.dirname(real_dir), METADATA_DIR, name)
+    real_repo = os.path.realpath(os.path.join(cvmfs_root, layer.repo))
+    if not os.path.realpath(path).startswith(real_repo + os.sep):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = f.read(MAX_METADATA_BYTES + 1)
+    return data if len(data) <= MAX_METADATA_BYTES else None
+
+
+def published_diff_id(cvmfs_root: str, layer: ThinLayer, real_dir: str) -> Optional[str]:
+    """The uncompressed digest the publisher recorded for a layer (origin.json)."""
+    data = read_layer_metadata(cvmfs_root, layer, real_dir, ORIGIN_FILE)
+    try:
+        value = json.loads(data or b"null")
+    except ValueError:
+        return None
+    diff_id = value.get("diff_id") if isinstance(value, dict) else None
+    return diff_id if isinstance(diff_id, str) and _DIGEST_RE.fullmatch(diff_id) and \
+        diff_id.startswith("sha256:") else None
+
+
+def chain_id(parent_chain: Optional[str], diff_id: str) -> str:
+    """The OCI chain ID of a layer: its diff ID at the bottom, else
+    sha256(parent chain ID + " " + diff ID) - what containerd names snapshots by."""
+    if not parent_chain:
+        return diff_id
+    return "sha256:" + hashlib.sha256(f"{parent_chain} {diff_id}".encode()).hexdigest()
 
 
 def resolve_layer_dir(cvmfs_root: str, layer: ThinLayer) -> str:

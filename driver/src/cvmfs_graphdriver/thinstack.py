@@ -228,22 +228,19 @@ class MarkerCache:
 
     def _published_index(self, layer: thin.ThinLayer, real_dir: str) -> Optional[LayerMarkers]:
         """The markers cvmfs-thin recorded at publish time (.metadata/whiteouts.json)."""
-        if os.path.basename(real_dir) != "layerfs":
-            return None
-        index = os.path.join(os.path.dirname(real_dir), ".metadata", "whiteouts.json")
-        real_repo = os.path.realpath(os.path.join(self.cvmfs_root, layer.repo))
-        if not os.path.realpath(index).startswith(real_repo + os.sep):
+        data = thin.read_layer_metadata(self.cvmfs_root, layer, real_dir, thin.WHITEOUT_INDEX)
+        if data is None:
             return None
         try:
-            with open(index, encoding="utf-8") as f:
-                markers = LayerMarkers.from_json(f.read(1 << 24))
-        except (OSError, ValueError, KeyError, TypeError):
+            markers = LayerMarkers.from_json(data.decode("utf-8"))
+        except (ValueError, KeyError, TypeError):
             return None
         # The index comes from the repository: a name that is not a plain relative path
         # ('..', absolute, empty parts) would make build_mask work outside the mask.
         if not (all(_plain_path(p) for p in markers.markers + markers.deleted)
                 and all(p == "" or _plain_path(p) for p in markers.opaque)):
-            log.warning("ignoring %s: it names paths outside the layer; scanning instead", index)
+            log.warning("ignoring the whiteout index of %s: it names paths outside the layer; "
+                        "scanning instead", layer.url)
             return None
         return markers
 

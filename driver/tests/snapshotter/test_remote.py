@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import NamedTuple, Optional
 
 import pytest
 from sntools import mounted, need
@@ -36,6 +37,16 @@ def chain(name: str) -> str:
     return "sha256:" + hexof("chain " + name)
 
 
+def diff_of(name: str) -> str:
+    """The uncompressed digest recorded for published layer `name` (made up)."""
+    return "sha256:" + hexof("diff " + name)
+
+
+class Pulled(NamedTuple):
+    name: str  # the snapshot's name, what containerd then passes as the next parent
+    ref: str  # its chain ID
+
+
 class Repo:
     """A stand-in repository: <root>/<REPO>/.layers/<xx>/<hex>/layerfs trees."""
 
@@ -43,11 +54,17 @@ class Repo:
         self.root = root
         os.makedirs(os.path.join(root, REPO), exist_ok=True)
 
-    def layer(self, name: str, files: dict) -> str:
-        """Publish `files` ({path: content, path ending in / = dir}); return its hex."""
+    def layer(self, name: str, files: dict, recorded: bool = True) -> str:
+        """Publish `files` ({path: content, path ending in / = dir}) with, if `recorded`,
+        its diff ID in .metadata/origin.json (as cvmfs-thin does); return its hex."""
         h = hexof(name)
         fs = os.path.join(self.root, REPO, thin.layer_path(h))
         os.makedirs(fs)
+        if recorded:
+            meta = os.path.join(os.path.dirname(fs), thin.METADATA_DIR)
+            os.makedirs(meta)
+            with open(os.path.join(meta, thin.ORIGIN_FILE), "w") as f:
+                json.dump({"origin": "test", "diff_id": diff_of(name)}, f)
         for path, content in files.items():
             full = os.path.join(fs, path)
             if path.endswith("/"):
@@ -69,14 +86,19 @@ def env(tmp_path):
     sn.close()
 
 
-def lazy(sn, name: str, h: str, parent: str = "") -> str:
-    """Prepare as containerd's unpacker does for a pull with the CRI labels."""
-    ref = chain(name)
+def lazy(sn, name: str, h: str, parent: Optional[Pulled] = None) -> Pulled:
+    """Prepare as containerd's unpacker does for a pull with the CRI labels (the chain ID
+    of the layer on its parent), then find the snapshot as it does (List by label and
+    parent)."""
+    ref = thin.chain_id(parent.ref if parent else None, diff_of(name))
+    bparent = parent.name if parent else ""
     with pytest.raises(AlreadyExists):
-        sn.prepare(f"default/1/extract-{name} {ref}", parent,
+        sn.prepare(f"default/1/extract-{name} {ref}", bparent,
                    {REF: ref, DIGEST: f"sha256:{h}",
                     "containerd.io/snapshot/cri.image-ref": "example.org/app:1"})
-    return ref
+    found = sn.walk([f'labels."{REF}"=={ref},parent=="{bparent}"'])
+    assert [i.kind for i in found] == [KIND_COMMITTED], found
+    return Pulled(found[0].name, ref)
 
 
 def listing(root: str) -> list:
@@ -90,12 +112,14 @@ def listing(root: str) -> list:
 def test_a_published_layer_is_committed_remote_and_found_as_containerd_looks(env):
     sn, repo, tmp = env
     h = repo.layer("base", {"bin/sh": "shell", "etc/passwd": "root"})
-    ref = lazy(sn, "base", h)
+    pulled = lazy(sn, "base", h)
+    ref = pulled.ref
+    assert ref == diff_of("base")  # a bottom layer's chain ID is its diff ID
     found = sn.walk([f'labels."{REF}"=={ref},parent==""'])
     assert [(i.name, i.kind, i.parent) for i in found] == [(ref, KIND_COMMITTED, "")]
     # the prepared key itself was never created
     assert [i.name for i in sn.walk()] == [ref]
-    with mounted(sn.prepare("container", ref), str(tmp / "m")) as m:
+    with mounted(sn.prepare("container", pulled.name), str(tmp / "m")) as m:
         assert listing(m) == ["bin", "bin/sh", "etc", "etc/passwd"]
         with open(f"{m}/etc/passwd") as f:
             assert f.read() == "root"
@@ -120,10 +144,10 @@ def test_whiteouts_in_published_layers_are_honoured_and_hidden(env):
                             "data/.cvmfscatalog": ""})
     r1 = lazy(sn, "l1", base)
     r2 = lazy(sn, "l2", top, parent=r1)
-    with mounted(sn.prepare("c", r2), str(tmp / "m")) as m:
+    with mounted(sn.prepare("c", r2.name), str(tmp / "m")) as m:
         assert listing(m) == ["added", "data", "data/old", "data/old/f2", "etc", "etc/keep"]
     # a view of the same (read-only) agrees
-    with mounted(sn.view("v", r2), str(tmp / "v")) as m:
+    with mounted(sn.view("v", r2.name), str(tmp / "v")) as m:
         assert listing(m) == ["added", "data", "data/old", "data/old/f2", "etc", "etc/keep"]
 
 
@@ -133,16 +157,17 @@ def test_a_regular_layer_on_a_remote_one_and_the_reverse(env):
     r1 = lazy(sn, "b", base)
     # containerd downloads the next layer (not published) and applies it itself
     missing = hexof("not published")
-    mounts = sn.prepare("extract-2", r1, {REF: chain("2"), DIGEST: f"sha256:{missing}"})
+    mounts = sn.prepare("extract-2", r1.name, {REF: chain("2"), DIGEST: f"sha256:{missing}"})
     with mounted(mounts, str(tmp / "m")) as m:
         os.remove(f"{m}/a")
         with open(f"{m}/c", "w") as f:
             f.write("downloaded")
-    sn.commit(chain("2"), "extract-2")
+    regular = Pulled(f"default/7/{chain('2')}", chain("2"))  # as containerd names it
+    sn.commit(regular.name, "extract-2")
     # a published layer above a downloaded one is remote again
     top = repo.layer("t", {"d": "from cvmfs", ".wh.b": ""})
-    r3 = lazy(sn, "t", top, parent=chain("2"))
-    with mounted(sn.prepare("c", r3), str(tmp / "c")) as m:
+    r3 = lazy(sn, "t", top, parent=regular)
+    with mounted(sn.prepare("c", r3.name), str(tmp / "c")) as m:
         assert listing(m) == ["c", "d"]
 
 
@@ -222,7 +247,7 @@ def test_a_thin_layer_naming_what_is_not_allowed_is_refused_and_stays_active(env
 def test_a_layer_gone_from_the_repository_fails_the_mount_clearly(env):
     sn, repo, _ = env
     h = repo.layer("vanishing", {"f": "x"})
-    ref = lazy(sn, "vanishing", h)
+    ref = lazy(sn, "vanishing", h).name
     layerfs = os.path.join(repo.root, REPO, thin.layer_path(h))
     os.rename(layerfs, layerfs + ".away")
     with pytest.raises(FailedPrecondition, match="is missing"):
@@ -238,14 +263,69 @@ def test_a_deep_stack_mounts_though_its_paths_exceed_a_page(env):
     the lowerdirs relative to their common directory (compact_lowerdir, as its
     mount_linux.go); the snapshotter's short links in <home>/l make that possible."""
     sn, repo, tmp = env
-    ref = ""
+    pulled: Optional[Pulled] = None
     for i in range(40):
         files = {f"f{i:02}": str(i), f".wh.f{i - 1:02}" if i else "base": ""}
-        ref = lazy(sn, f"deep{i}", repo.layer(f"deep{i}", files), parent=ref)
-    mounts = sn.prepare("c", ref)
+        pulled = lazy(sn, f"deep{i}", repo.layer(f"deep{i}", files), parent=pulled)
+    assert pulled is not None
+    mounts = sn.prepare("c", pulled.name)
     lowerdir = next(o for o in mounts[0].options if o.startswith("lowerdir="))
     assert len(lowerdir.split(":")) >= 79  # 40 layers and the masks between
     real = sum(len(os.path.realpath(d)) + 1 for d in lowerdir[len("lowerdir="):].split(":"))
     assert real > 4096  # what overlay would get without the links
     with mounted(mounts, str(tmp / "m")) as m:
         assert listing(m) == ["base", "f39"]  # each layer deleted the one below's file
+
+
+def test_a_published_layer_is_not_served_for_another_chain(env):
+    """An image can pair any published digest with any diff IDs in its config: the chain
+    ID containerd asks for must follow from the layer's recorded diff ID, or containerd
+    downloads (and itself checks) the layer. Otherwise every image with that chain would
+    get the published layer."""
+    sn, repo, _ = env
+    h = repo.layer("real", {"f": "x"})
+    victim = thin.chain_id(None, diff_of("another layer"))
+    sn.prepare("k", "", {REF: victim, DIGEST: f"sha256:{h}"})
+    assert sn.stat("k").kind == KIND_ACTIVE  # prepared as usual: containerd downloads
+    assert victim not in [i.name for i in sn.walk()]
+    # on a parent, the chain must be the parent's chain and the layer's diff ID
+    base = lazy(sn, "base", repo.layer("base", {"b": ""}))
+    top = repo.layer("top", {"t": ""})
+    wrong = thin.chain_id(chain("some other parent"), diff_of("top"))
+    sn.prepare("k2", base.name, {REF: wrong, DIGEST: f"sha256:{top}"})
+    assert sn.stat("k2").kind == KIND_ACTIVE
+    lazy(sn, "top", top, parent=base)  # the right chain is served
+
+
+def test_a_layer_without_a_recorded_diff_id_is_downloaded_unless_trusted(env, tmp_path):
+    sn, repo, _ = env
+    h = repo.layer("ducc", {"f": "x"}, recorded=False)  # as DUCC publishes
+    sn.prepare("k", "", {REF: diff_of("ducc"), DIGEST: f"sha256:{h}"})
+    assert sn.stat("k").kind == KIND_ACTIVE
+    trusting = OverlaySnapshotter(str(tmp_path / "home2"), sync_commits=False)
+    try:
+        remote.install(trusting, repo.root, [REPO], trust_unrecorded=True)
+        lazy(trusting, "ducc", h)
+    finally:
+        trusting.close()
+
+
+def test_the_same_chain_on_another_parent_gets_its_own_snapshot(env):
+    """Two namespaces pull the same image; its bottom layer was downloaded in each (two
+    parents with one chain ID): each gets its own remote snapshot on its own parent."""
+    sn, repo, tmp = env
+    top = repo.layer("top", {"t": "cvmfs"})
+    parents = []
+    for ns in ("ns1", "ns2"):
+        with mounted(sn.prepare(f"{ns}/extract", ""), str(tmp / ns)) as m, \
+                open(f"{m}/b", "w") as f:
+            f.write(ns)
+        parents.append(Pulled(f"{ns}/3/{chain('bottom')}", chain("bottom")))
+        sn.commit(parents[-1].name, f"{ns}/extract")
+    pulled = [lazy(sn, "top", top, parent=p) for p in parents]
+    assert pulled[0].ref == pulled[1].ref and pulled[0].name != pulled[1].name
+    for p, ns in zip(pulled, ("ns1", "ns2")):
+        with mounted(sn.view(f"v-{ns}", p.name), str(tmp / f"v-{ns}")) as m:
+            assert listing(m) == ["b", "t"]
+            with open(f"{m}/b") as f:
+                assert f.read() == ns

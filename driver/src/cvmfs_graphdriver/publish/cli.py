@@ -159,7 +159,8 @@ def _publish_layer(store: Store, saved: images.SavedImage, n: int, diff_ids: Lis
     if [thin.DESCRIPTOR_NAME] in names:
         raise _nested(origin, n)
     markers = whiteouts.LayerMarkers.from_names(names)
-    store.publish_layer(layer_dir(key), lambda: saved.open_layer(n), markers, origin)
+    store.publish_layer(layer_dir(key), lambda: saved.open_layer(n), markers, origin,
+                        f"sha256:{h}")
     _progress(f"layer {n + 1}/{len(diff_ids)} {key[:12]}: published {len(names)} entries, "
               f"{_mb(size)}, {len(markers.markers)} whiteout markers "
               f"({time.monotonic() - t0:.1f} s)")

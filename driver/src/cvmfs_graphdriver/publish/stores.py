@@ -2,7 +2,8 @@
 
     .layers/<hex[0:2]>/<hex>/layerfs/                  one unpacked layer
     .layers/<hex[0:2]>/<hex>/.metadata/whiteouts.json  its `.wh.` markers (for the driver)
-    .layers/<hex[0:2]>/<hex>/.metadata/origin.json     which image first published it
+    .layers/<hex[0:2]>/<hex>/.metadata/origin.json     which image first published it,
+                                                       and the layer's uncompressed digest
     .flat/<hex[0:2]>/<hex>/                            a whole image flattened
 
 `dir:PATH` writes into a directory that has the layout of a repository (a CVMFS
@@ -38,11 +39,14 @@ layer_dir = thin.layer_path
 flat_dir = thin.flat_path
 
 
-def metadata_files(markers: whiteouts.LayerMarkers, origin: str) -> dict:
+def metadata_files(markers: whiteouts.LayerMarkers, origin: str, diff_id: str) -> dict:
+    """The layer's .metadata/ files: its markers, and where it came from with its verified
+    uncompressed digest (lazy pulls check it against the chain ID containerd asks for)."""
     return {
-        "whiteouts.json": markers.to_json() + "\n",
-        "origin.json": json.dumps({"origin": origin, "published": int(time.time()),
-                                   "tool": "cvmfs-thin"}) + "\n",
+        thin.WHITEOUT_INDEX: markers.to_json() + "\n",
+        thin.ORIGIN_FILE: json.dumps({"origin": origin, "diff_id": diff_id,
+                                      "published": int(time.time()),
+                                      "tool": "cvmfs-thin"}) + "\n",
     }
 
 
@@ -59,7 +63,7 @@ class Store:
         raise NotImplementedError
 
     def publish_layer(self, rel: str, open_tar: Opener, markers: whiteouts.LayerMarkers,
-                      origin: str) -> None:
+                      origin: str, diff_id: str) -> None:
         raise NotImplementedError
 
     def scratch_tree(self, rel: str, workdir: Optional[str]) -> str:
@@ -110,7 +114,7 @@ class DirStore(Store):
             raise
 
     def publish_layer(self, rel: str, open_tar: Opener, markers: whiteouts.LayerMarkers,
-                      origin: str) -> None:
+                      origin: str, diff_id: str) -> None:
         final = os.path.dirname(self._path(rel))  # .layers/xx/hex
         tmp = self._partial(final)
         try:
@@ -118,9 +122,9 @@ class DirStore(Store):
             os.mkdir(fs, 0o755)
             with open_tar() as stream:  # markers stay plain files, as DUCC keeps them
                 archive.apply_tar(stream, fs, converter=None)
-            meta = os.path.join(tmp, ".metadata")
+            meta = os.path.join(tmp, thin.METADATA_DIR)
             os.mkdir(meta, 0o755)
-            for name, content in metadata_files(markers, origin).items():
+            for name, content in metadata_files(markers, origin, diff_id).items():
                 with open(os.path.join(meta, name), "w", encoding="utf-8") as f:
                     f.write(content)
             self._commit(tmp, final)
@@ -184,17 +188,18 @@ class CvmfsStore(Store):
             )
 
     def publish_layer(self, rel: str, open_tar: Opener, markers: whiteouts.LayerMarkers,
-                      origin: str) -> None:
+                      origin: str, diff_id: str) -> None:
         base = os.path.dirname(rel)
         # Metadata first: the layer directory appearing is what marks a layer complete.
         meta = io.BytesIO()
         with tarfile.open(fileobj=meta, mode="w", format=tarfile.PAX_FORMAT) as tf:
-            for name, content in metadata_files(markers, origin).items():
+            for name, content in metadata_files(markers, origin, diff_id).items():
                 data = content.encode()
                 ti = tarfile.TarInfo(name)
                 ti.size, ti.mode, ti.mtime = len(data), 0o644, int(time.time())
                 tf.addfile(ti, io.BytesIO(data))
-        self._ingest(f"{base}/.metadata", lambda out: _write_all(out, meta.getvalue()), False)
+        self._ingest(f"{base}/{thin.METADATA_DIR}",
+                     lambda out: _write_all(out, meta.getvalue()), False)
 
         def feed(out: IO[bytes]) -> None:
             with open_tar() as stream:

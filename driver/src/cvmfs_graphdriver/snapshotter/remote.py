@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import threading
-from typing import Any, Collection, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Collection, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from .. import thin, thinstack
 from ..errors import DriverError
@@ -43,6 +43,7 @@ TYPE = "cvmfs"
 TARGET_REF_LABEL = "containerd.io/snapshot.ref"
 LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
 _DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+_CHAIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
 SHORT_LINK = 10  # characters of a link name in <home>/l (base32 of the target's sha256)
 
 
@@ -63,26 +64,65 @@ class CvmfsLayers:
     """Finds published layers, records remote snapshots and mounts them."""
 
     def __init__(self, layout: SnapshotterLayout, cvmfs_root: str,
-                 repositories: Collection[str]) -> None:
+                 repositories: Collection[str], trust_unrecorded: bool = False) -> None:
         self.layout = layout
         self.cvmfs_root = cvmfs_root
         self.repositories = tuple(sorted(repositories))
+        self.trust_unrecorded = trust_unrecorded
         self.markers = thinstack.MarkerCache(layout.marker_cache_dir, cvmfs_root)
         self._locks: Dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
     # ------------------------------------------------------------------ finding
 
-    def find(self, hexdigest: str) -> Optional[thin.ThinLayer]:
-        """The published layer `hexdigest` in the first allowed repository that has it."""
+    def find(self, hexdigest: str) -> Optional[Tuple[thin.ThinLayer, str]]:
+        """The published layer `hexdigest` in the first allowed repository that has it,
+        and its directory."""
         for repo in self.repositories:
             layer = thin.ThinLayer(repo, thin.layer_path(hexdigest), hexdigest)
             try:
-                thin.resolve_layer_dir(self.cvmfs_root, layer)
+                return layer, thin.resolve_layer_dir(self.cvmfs_root, layer)
             except DriverError:
                 continue
-            return layer
         return None
+
+    def is_the_layer(self, sn: OverlaySnapshotter, layer: thin.ThinLayer, real_dir: str,
+                     ref: str, parent: str) -> bool:
+        """Whether the published layer is the one containerd asks for: its recorded diff
+        ID on the parent's chain must give the chain ID containerd will commit to.
+        containerd checks a downloaded layer's diff ID itself; for a remote one this is
+        the only check (without it an image could pair a published layer with another
+        image's chain ID, and every image with that chain would get that layer)."""
+        diff_id = thin.published_diff_id(self.cvmfs_root, layer, real_dir)
+        if diff_id is None:
+            if self.trust_unrecorded:
+                return True
+            log.warning("layer sha256:%s in %s has no recorded diff ID (published by another "
+                        "tool?): containerd downloads it (trust_unrecorded_layers serves it "
+                        "unchecked)", layer.digest, layer.repo)
+            return False
+        parent_chain = self._chain_of(sn, parent) if parent else None
+        if parent and parent_chain is None:
+            log.warning("parent %s has no chain ID: layer sha256:%s is downloaded", parent,
+                        layer.digest)
+            return False
+        if thin.chain_id(parent_chain, diff_id) != ref:
+            log.warning("layer sha256:%s in %s is %s, which on parent %s is not chain %s: not "
+                        "the layer asked for, containerd downloads it", layer.digest,
+                        layer.repo, diff_id, parent or "(none)", ref)
+            return False
+        return True
+
+    @staticmethod
+    def _chain_of(sn: OverlaySnapshotter, parent: str) -> Optional[str]:
+        """A committed snapshot's chain ID: its snapshot.ref label (remote snapshots), or
+        the chain ID containerd committed it under (`<namespace>/<n>/sha256:<hex>`)."""
+        info = sn.stat(parent)
+        ref = info.labels.get(TARGET_REF_LABEL, "")
+        if _CHAIN_RE.fullmatch(ref):
+            return ref
+        m = _CHAIN_RE.search(info.name.rsplit("/", 1)[-1])
+        return m.group(0) if m else None
 
     @staticmethod
     def record(layers: List[thin.ThinLayer]) -> Dict[str, Any]:
@@ -99,16 +139,23 @@ class CvmfsLayers:
         ref = labels.get(TARGET_REF_LABEL)
         if hexdigest is None or not ref or not self.repositories:
             return
-        layer = self.find(hexdigest)
-        if layer is None:
+        found = self.find(hexdigest)
+        if found is None:
             log.info("layer sha256:%s is not in %s: containerd downloads it", hexdigest,
                      ", ".join(self.repositories))
             return
+        layer, real_dir = found
+        if not self.is_the_layer(sn, layer, real_dir, ref, parent):
+            return
+        # One remote snapshot per chain and parent: containerd finds it by its labels and
+        # parent, and another namespace may pull the same chain on another parent.
+        name = ref if not parent else \
+            f"{ref}@{hashlib.sha256(parent.encode()).hexdigest()[:16]}"
         try:
-            sn.commit_remote(ref, parent, self.record([layer]), labels)
-            log.info("layer sha256:%s: remote snapshot %s from %s", hexdigest, ref, layer.url)
+            sn.commit_remote(name, parent, self.record([layer]), labels)
+            log.info("layer sha256:%s: remote snapshot %s from %s", hexdigest, name, layer.url)
         except AlreadyExists:
-            pass  # pulled before: the same answer
+            pass  # pulled before, the same layer on the same parent: the same answer
         raise AlreadyExists(f"target snapshot {ref!r}")
 
     def commit_hook(self, fs_dir: str) -> Optional[Dict[str, Any]]:
@@ -195,10 +242,10 @@ def remote_of(thin_dir: str, repositories: Collection[str]) -> Optional[List[thi
     return list(desc.layers) if desc is not None else None
 
 
-def install(sn: OverlaySnapshotter, cvmfs_root: str,
-            repositories: Collection[str]) -> CvmfsLayers:
+def install(sn: OverlaySnapshotter, cvmfs_root: str, repositories: Collection[str],
+            trust_unrecorded: bool = False) -> CvmfsLayers:
     """Make `sn` serve layers from CVMFS: lazy pulls, thin images, their mounts."""
-    cv = CvmfsLayers(sn.layout, cvmfs_root, repositories)
+    cv = CvmfsLayers(sn.layout, cvmfs_root, repositories, trust_unrecorded)
     sn.register_remote(TYPE, cv.lower_dirs)
     sn.add_prepare_hook(cv.prepare_hook)
     sn.add_commit_hook(cv.commit_hook)
