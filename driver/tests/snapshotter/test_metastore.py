@@ -242,3 +242,32 @@ def test_kill_9_loses_no_committed_transaction(tmp_path):
     # a transaction is all or nothing: never an active left half-way to committed
     assert all(i.kind == KIND_COMMITTED for i in infos.values())
     assert os.path.exists(path + "-wal") or os.path.getsize(path) > 0
+
+
+def test_a_failed_commit_leaves_no_transaction_open(ms):
+    """A COMMIT that fails (disk full, I/O error) must not leave the connection inside a
+    transaction, or every later BEGIN fails until a restart."""
+
+    class FailingCommit:
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.db, name)
+
+    real = ms._db
+    ms._db = FailingCommit(real)
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"), \
+            ms.transaction(write=True) as tx:
+        tx.create_snapshot(KIND_ACTIVE, "lost", "", {})
+    ms._db = real
+    assert not real.in_transaction
+    with ms.transaction(write=True) as tx:  # works again, and nothing was recorded
+        tx.create_snapshot(KIND_ACTIVE, "kept", "", {})
+    with ms.transaction() as tx:
+        assert [i.name for i in tx.walk([])] == ["kept"]

@@ -265,7 +265,7 @@ def test_remote_committed_snapshot_is_mounted_through_its_resolver(sn, tmp_path)
 
 CRASH = """
 import os, sys
-from cvmfs_graphdriver.snapshotter import overlay
+from cvmfs_graphdriver.snapshotter import metastore, overlay
 home, point = sys.argv[1], sys.argv[2]
 sn = overlay.OverlaySnapshotter(home, sync_commits=False)
 sn.prepare("base", "")
@@ -280,9 +280,19 @@ if point == "create-before-rename":  # the staged dir is flushed just before its
     overlay.fsync_dir = crash
 elif point == "create-after-rename":  # renamed into snapshots/, transaction not committed
     overlay.fsync_dir = lambda p: crash() if p == sn.layout.snapshots else real_fsync_dir(p)
-elif point == "remove-before-commit":
+elif point == "remove-before-commit":  # forgotten in the transaction, not committed
+    real_remove = metastore.Transaction.remove
+
+    def remove_then_crash(self, key):
+        real_remove(self, key)
+        crash()
+    metastore.Transaction.remove = remove_then_crash
+elif point == "remove-after-commit":  # metadata gone, the directory still in snapshots/
     sn._orphans_to_staging = crash
-elif point == "remove-after-commit":  # metadata gone, directory moved to staging/
+elif point == "remove-during-move":  # the directory moved aside, then the crash
+    real_move = sn._orphans_to_staging
+    sn._orphans_to_staging = lambda ids: (real_move(ids), crash())
+elif point == "remove-after-move":  # metadata gone, directory moved to staging/
     sn._delete = crash
 if point.startswith("create"):
     sn.prepare("new", "BASE")
@@ -297,6 +307,8 @@ sys.exit("no crash happened")
     ("create-after-rename", {"BASE", "victim"}),
     ("remove-before-commit", {"BASE", "victim"}),
     ("remove-after-commit", {"BASE"}),
+    ("remove-during-move", {"BASE"}),
+    ("remove-after-move", {"BASE"}),
 ])
 def test_crash_at_each_step_leaves_whole_snapshots_only(tmp_path, point, present):
     need(os.geteuid() == 0, "needs root (chown)")

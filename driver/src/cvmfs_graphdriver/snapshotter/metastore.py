@@ -201,10 +201,17 @@ class MetaStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            if write:
-                db.execute("COMMIT")
-            else:
+            if not write:
                 db.execute("ROLLBACK")
+                return
+            try:
+                db.execute("COMMIT")
+            except BaseException:
+                # A COMMIT that failed (disk full, I/O error) may leave the transaction
+                # open: end it, or every later BEGIN fails until a restart.
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
 
     @contextlib.contextmanager
     def transaction(self, write: bool = False) -> Iterator[Transaction]:

@@ -249,6 +249,10 @@ class OverlaySnapshotter:
                 tx.remove(key)
             except SnapshotterError as e:
                 raise e.wrap("failed to remove") from None
+        # Only once the removal is committed does its directory go (as containerd's
+        # Remove): a crash or a failed commit before then leaves the snapshot whole. A
+        # crash after it leaves an orphan, which Cleanup or the next Remove deletes.
+        with self.ms.transaction(write=True) as tx:
             trash = self._orphans_to_staging(tx.id_map())
         self._delete(trash)
 
