@@ -347,7 +347,8 @@ def pair_mask(below: Optional[LayerMarkers], above: Optional[LayerMarkers]) -> M
     opaque: Set[str] = {d for d in above.opaque if d} if above else set()
     # A deleted path the same layer also writes below (or makes opaque) was deleted
     # and recreated: it is an opaque directory.
-    recreated = {d for d in deleted if d in opaque or _below_any_entry(d, deleted | opaque)}
+    inner = _ancestors(deleted | opaque)  # directories that hold a marker of this layer
+    recreated = {d for d in deleted if d in opaque or d in inner}
     deleted -= recreated
     opaque |= recreated
     # Markers of the layer below under a deleted or opaque path are hidden already.
@@ -363,9 +364,14 @@ def plan_masks(layers: Sequence[LayerMarkers]) -> List[MaskPlan]:
             for k in range(n + 1)]
 
 
-def _below_any_entry(d: str, entries: Set[str]) -> bool:
-    prefix = d + "/"
-    return any(e.startswith(prefix) for e in entries)
+def _ancestors(paths: Set[str]) -> Set[str]:
+    """Every proper ancestor directory of `paths` (linear in their total depth: a layer
+    with many deletions must not make mask planning quadratic)."""
+    out: Set[str] = set()
+    for path in paths:
+        parts = path.split("/")
+        out.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    return out
 
 
 def build_mask(dest: str, plan: MaskPlan, attr_sources: Sequence[str]) -> None:

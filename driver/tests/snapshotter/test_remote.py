@@ -329,3 +329,21 @@ def test_the_same_chain_on_another_parent_gets_its_own_snapshot(env):
             assert listing(m) == ["b", "t"]
             with open(f"{m}/b") as f:
                 assert f.read() == ns
+
+
+def test_an_image_holding_one_layer_twice_mounts(env):
+    """Images converted from old schemas repeat a layer (the empty one): the same
+    published directory twice in one lowerdir would be refused by overlayfs (ELOOP)."""
+    sn, repo, tmp = env
+    twice = repo.layer("twice", {"t": "same"})
+    first = lazy(sn, "twice", twice)
+    middle = lazy(sn, "middle", repo.layer("middle", {"m": "m"}), parent=first)
+    ref = thin.chain_id(middle.ref, diff_of("twice"))
+    with pytest.raises(AlreadyExists):
+        sn.prepare("again", middle.name, {REF: ref, DIGEST: f"sha256:{twice}"})
+    top = sn.walk([f'labels."{REF}"=={ref}'])[0].name
+    lowerdir = next(o for o in sn.prepare("c", top)[0].options if o.startswith("lowerdir="))
+    dirs = lowerdir[len("lowerdir="):].split(":")
+    assert len(dirs) == len(set(dirs))
+    with mounted(sn.prepare("c2", top), str(tmp / "m")) as m:
+        assert listing(m) == ["m", "t"]

@@ -342,7 +342,10 @@ class OverlaySnapshotter:
             resolved = resolver(self.layout, p, i + 1 < len(chain))
             if not resolved:
                 raise FailedPrecondition(f"remote snapshot {p.id} resolved to no directory")
-            dirs.extend(resolved)
+            # An image may hold one layer twice (the same published directory); overlayfs
+            # refuses a lowerdir given twice, and the upper copy shows all the lower one
+            # would: leave the lower one out.
+            dirs.extend(d for d in resolved if d not in dirs)
         return dirs
 
     def _mounts(self, snap: Snapshot, lowers: Optional[List[str]] = None) -> List[Mount]:
