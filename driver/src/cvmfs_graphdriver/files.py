@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 
 
 def read(path: str) -> str:
@@ -19,10 +21,21 @@ def write_durably(path: str, content: str) -> None:
 
 
 def atomic_write(path: str, content: str) -> None:
-    """Replace `path` with `content` so readers see the old or the new file, never half."""
-    tmp = f"{path}.tmp"
-    write_durably(tmp, content)
-    os.rename(tmp, path)
+    """Replace `path` with `content` so readers see the old or the new file, never half.
+    Writers racing on the same path each use their own temporary file (the last rename
+    wins)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=os.path.dirname(path) or ".")
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def fsync_dir(path: str) -> None:

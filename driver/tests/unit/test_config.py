@@ -89,3 +89,4 @@ def test_load_reads_the_file(tmp_path):
     p = tmp_path / "c.ini"
     p.write_text("[driver]\nlog_level = warning\n")
     assert load(str(p)) == Config(log_level="warning")
+
