@@ -15,8 +15,9 @@ description:
     C([proxy_plugins.NAME]) with C(type) and C(address), which makes containerd load an
     external snapshotter (or content store) that serves its gRPC API on a unix socket.
   - Every other line of the file is kept as it is, comments included; the table is
-    appended at the end when missing and rewritten in place when it differs. A missing
-    file counts as empty (containerd's defaults).
+    appended at the end when missing; when it is there, only its C(type) and C(address)
+    lines are set (other keys the site gave the plugin stay). A missing file counts as
+    empty (containerd's defaults).
   - The file is changed only when the table's keys differ from what is wanted, so a
     second run reports no change.
   - A file that names the plugin in a way this module does not manage (a dotted key such
@@ -74,7 +75,7 @@ previous:
   type: dict
   sample: {}
 plugin:
-  description: The table's keys after the module ran (C({}) with O(state=absent)).
+  description: The table's string keys after the module ran (C({}) with O(state=absent)).
   returned: success
   type: dict
   sample: {"type": "snapshot", "address": "/run/cvmfs-graphdriver/snapshotter.sock"}
@@ -142,7 +143,8 @@ def render_table(name, keys):
 
 
 def update(text, name, keys):
-    """Return (new_text, previous_keys). `keys` None removes the table."""
+    """Return (new_text, previous_keys). `keys` None removes the table; otherwise the
+    table gets those keys, and any other key the site put in it stays as it is."""
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += "\n"
@@ -157,17 +159,20 @@ def update(text, name, keys):
         while tail > 1 and not body[tail - 1].strip():
             tail -= 1
         return "".join(lines[:span[0]] + body[tail:] + lines[span[1]:]), previous
-    if previous == keys:
+    if all(previous.get(k) == v for k, v in keys.items()):
         return text, previous
-    block = render_table(name, keys)
     if span is None:
         sep = ["\n"] if lines and lines[-1].strip() else []
-        return "".join(lines + sep + block), previous
-    body = lines[span[0]:span[1]]
-    tail = len(body)
-    while tail > 1 and not body[tail - 1].strip():
-        tail -= 1  # blank lines before the next table stay
-    return "".join(lines[:span[0]] + block + body[tail:] + lines[span[1]:]), previous
+        return "".join(lines + sep + render_table(name, keys)), previous
+    body = lines[span[0] + 1:span[1]]
+    todo = dict(keys)
+    for i, line in enumerate(body):
+        m = _KEY.match(line)
+        if m and m.group(2) in todo:
+            indent = line[:len(line) - len(line.lstrip())]
+            body[i] = f"{indent}{m.group(2)} = {json.dumps(todo.pop(m.group(2)))}\n"
+    added = [f"  {k} = {json.dumps(v)}\n" for k, v in todo.items()]
+    return "".join(lines[:span[0] + 1] + added + body + lines[span[1]:]), previous
 
 
 def check_parses(text, name, keys):
@@ -180,7 +185,8 @@ def check_parses(text, name, keys):
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"the result would not be valid TOML: {e}") from None
     got = doc.get("proxy_plugins", {}).get(name)
-    if keys is None and got is not None or keys is not None and got != keys:
+    if keys is None and got is not None or keys is not None and (
+            not isinstance(got, dict) or any(got.get(k) != v for k, v in keys.items())):
         raise ValueError(f"the result would set proxy_plugins.{name} to {got!r}, not {keys!r}")
 
 
@@ -204,7 +210,8 @@ def run(module):
             check_parses(new, name, keys)
     except ValueError as e:
         module.fail_json(msg=f"{path}: {e}", **result)
-    result.update(previous=previous, plugin=keys or {})
+    result.update(previous=previous,
+                  plugin={**previous, **keys} if keys is not None else {})
     if new == text:
         module.exit_json(**result)
     result["changed"] = True

@@ -52,7 +52,8 @@ def test_rewrites_a_differing_table_in_place():
     doc = tomllib.loads(new)
     assert doc["proxy_plugins"]["cvmfs"] == WANT
     assert doc["proxy_plugins"]["stargz"]["address"].endswith("stargz-grpc.sock")
-    assert new.count("cvmfs]") == 1 and "/old.sock" not in new
+    # the header stays as the site wrote it; only the address line changed
+    assert new.count('[proxy_plugins."cvmfs"]') == 1 and "/old.sock" not in new
 
 
 def test_empty_or_missing_file_gets_just_the_table():
@@ -99,3 +100,17 @@ def test_module_refuses_without_touching_the_file(tmp_path):
     result = ansible_run.run_module(FQCN, {"path": str(path), "name": "cvmfs", "address": SOCK})
     assert result.get("failed") and "dotted key" in result["msg"]
     assert path.read_text() == text
+
+
+def test_a_sites_other_keys_in_the_table_stay():
+    old = ('[proxy_plugins.cvmfs]\n  type = "snapshot"\n  address = "/old.sock"\n'
+           '  platform = "linux/amd64"  # set by the site\n')
+    new, previous = mod.update(old, "cvmfs", WANT)
+    assert previous == {"type": "snapshot", "address": "/old.sock", "platform": "linux/amd64"}
+    doc = tomllib.loads(new)["proxy_plugins"]["cvmfs"]
+    assert doc == {**WANT, "platform": "linux/amd64"}
+    assert "# set by the site" in new
+    assert mod.update(new, "cvmfs", WANT)[0] == new  # then nothing to change
+    # a key missing from the table is added after its header
+    partial, _ = mod.update('[proxy_plugins.cvmfs]\n  platform = "x"\n', "cvmfs", WANT)
+    assert tomllib.loads(partial)["proxy_plugins"]["cvmfs"] == {**WANT, "platform": "x"}
