@@ -41,6 +41,7 @@ def test_a_bad_reference_is_refused():
 
 D = ["sha256:" + c * 64 for c in "abcdef"]
 MANIFEST = {"schemaVersion": 2, "mediaType": registry.MANIFEST_TYPES[3],
+            "config": {"digest": D[2], "size": 5},
             "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
                         "digest": D[0], "size": 10},
                        {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
@@ -116,3 +117,23 @@ def test_a_missing_image_says_what_the_registry_answered(hub):
     port, _ = hub
     with pytest.raises(PublishError, match="404"):
         registry.Registry().layers(_ref(port, "nope"))
+
+
+def test_the_image_id_is_the_config_digest(hub):
+    port, _ = hub
+    config, layers = registry.Registry().image(_ref(port, "single"))
+    assert config == D[2] and len(layers) == 2
+
+
+def test_a_tag_that_moved_since_the_engine_pulled_it_is_refused(hub):
+    """cvmfs-thin would publish the engine's files under the other image's digests."""
+    from cvmfs_graphdriver.publish import cli
+
+    port, _ = hub
+    source = f"127.0.0.1:{port}/library/app:single"
+    attrs = {"Id": D[3], "Os": "linux", "Architecture": "amd64"}
+    with pytest.raises(PublishError, match="pull .* again"):
+        cli._registry_keys(source, attrs, ["a" * 64, "b" * 64])
+    attrs["Id"] = D[2]
+    assert cli._registry_keys(source, attrs, ["a" * 64, "b" * 64]) == [
+        D[0].split(":")[1], D[1].split(":")[1]]

@@ -135,8 +135,15 @@ def convert(args: argparse.Namespace) -> int:
 def _registry_keys(source: str, attrs: dict, diff_ids: List[str]) -> List[str]:
     """The manifest's compressed layer digests (hex) of `source`, one per diff ID."""
     ref = registry.parse_reference(source)
-    found = registry.Registry().layers(ref, attrs.get("Os") or "linux",
-                                       attrs.get("Architecture") or "amd64")
+    config, found = registry.Registry().image(ref, attrs.get("Os") or "linux",
+                                              attrs.get("Architecture") or "amd64")
+    if config != attrs.get("Id"):
+        # The tag moved since the engine pulled it: the manifest's layers are another
+        # image's, and publishing this image's files under them would serve every node
+        # the wrong content.
+        raise PublishError(
+            f"{source} in the registry is image {config[:19]}, the engine's is "
+            f"{str(attrs.get('Id'))[:19]}: pull {source} again (or convert by digest)")
     if len(found) != len(diff_ids):
         raise PublishError(
             f"{source}: the registry's manifest lists {len(found)} layers, the image in the "

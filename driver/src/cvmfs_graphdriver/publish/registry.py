@@ -131,6 +131,11 @@ class Registry:
     def layers(self, ref: Reference, os_name: str = "linux",
                architecture: str = "amd64") -> List[Layer]:
         """The layers of `ref` (for that platform when it is a list), base first."""
+        return self.image(ref, os_name, architecture)[1]
+
+    def image(self, ref: Reference, os_name: str = "linux",
+              architecture: str = "amd64") -> Tuple[str, List[Layer]]:
+        """The config digest (the image ID) and the layers of `ref`, base first."""
         doc, media = self._manifest(ref, ref.reference, ", ".join(MANIFEST_TYPES))
         if media in INDEX_TYPES or "manifests" in doc:
             chosen = _pick(doc.get("manifests") or [], os_name, architecture)
@@ -148,7 +153,12 @@ class Registry:
                              int(entry.get("size", 0))))
         if not out:
             raise PublishError(f"the manifest of {ref.repository}:{ref.reference} lists no layers")
-        return out
+        config = (doc.get("config") or {}).get("digest") if isinstance(doc.get("config"),
+                                                                       dict) else None
+        if not isinstance(config, str) or not _DIGEST_RE.match(config):
+            raise PublishError(f"the manifest of {ref.repository}:{ref.reference} has no "
+                               "sha256 config digest")
+        return config, out
 
     def _manifest(self, ref: Reference, reference: str,
                   accept: str) -> Tuple[Dict[str, Any], str]:
