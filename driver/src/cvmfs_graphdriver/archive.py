@@ -174,8 +174,8 @@ def _apply_member(
             raise UnsafeLayerError(
                 f"tar entry {member.name!r} names the layer root but is not a directory"
             )
-        _set_metadata(root_fd, None, member, is_link=False)
-        dir_times.append(([], _member_times(member)))
+        # As moby's Unpack (overlay2's ApplyDiff): the root's own entry changes nothing
+        # (a tar made as a user would otherwise hand the layer root to that user).
         return
     shown = "/".join(parts)
     base = parts[-1]

@@ -423,3 +423,12 @@ def test_apply_diff_against_another_parent_applies_onto_the_mounted_layer(drv):
     assert sorted(os.listdir(drv.layout.diff(base))) == ["d", "gone", "keep"]
     st = os.lstat(os.path.join(drv.layout.diff(layer), "gone"))
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def test_the_root_entry_of_a_tar_changes_nothing(drv):
+    """moby's Unpack skips "." (overlay2's ApplyDiff): a layer tar made as a user, whose
+    "./" is owned by that user with mode 0700, must not hand the layer root to them."""
+    layer = make_layer(drv, data=TarBuilder().dir(".", mode=0o700, uid=1000, gid=1000)
+                       .file("f", b"x").bytes())
+    st = os.stat(drv.layout.diff(layer))
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o755, 0, 0)
