@@ -347,3 +347,29 @@ def test_an_image_holding_one_layer_twice_mounts(env):
     assert len(dirs) == len(set(dirs))
     with mounted(sn.prepare("c2", top), str(tmp / "m")) as m:
         assert listing(m) == ["m", "t"]
+
+
+def test_a_repository_that_does_not_answer_does_not_stall_pulls(env, monkeypatch):
+    """Every pull asks whether its layers are published: a hung CVMFS mount must not hold
+    Prepare; containerd downloads the layer instead."""
+    import threading
+    import time
+
+    sn, repo, _ = env
+    h = repo.layer("hung", {"f": "x"})
+    release = threading.Event()
+    real = thin.resolve_layer_dir
+
+    def hung(root, layer):
+        release.wait(30)  # as a stat in a mount whose servers do not answer
+        return real(root, layer)
+
+    monkeypatch.setattr(thin, "resolve_layer_dir", hung)
+    monkeypatch.setattr(remote, "LOOKUP_SECONDS", 0.5)
+    try:
+        started = time.monotonic()
+        sn.prepare("k", "", {REF: diff_of("hung"), DIGEST: f"sha256:{h}"})
+        assert time.monotonic() - started < 5
+        assert sn.stat("k").kind == KIND_ACTIVE  # prepared: containerd downloads it
+    finally:
+        release.set()

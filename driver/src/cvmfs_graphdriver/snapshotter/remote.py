@@ -22,6 +22,7 @@ deletions and opaque directories they stand for take effect.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -45,6 +46,8 @@ LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
 _DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 _CHAIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
 SHORT_LINK = 10  # characters of a link name in <home>/l (base32 of the target's sha256)
+LOOKUP_SECONDS = 10  # how long a pull waits to learn whether a layer is published
+LOOKUP_THREADS = 4
 
 
 def layer_digest(labels: Mapping[str, str]) -> Optional[str]:
@@ -70,6 +73,9 @@ class CvmfsLayers:
         self.repositories = tuple(sorted(repositories))
         self.trust_unrecorded = trust_unrecorded
         self.markers = thinstack.MarkerCache(layout.marker_cache_dir, cvmfs_root)
+        # A few threads for lookups in CVMFS; a lookup stuck in a hung mount holds one.
+        self._lookups = concurrent.futures.ThreadPoolExecutor(
+            max_workers=LOOKUP_THREADS, thread_name_prefix="cvmfs-lookup")
         self._locks: Dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
@@ -77,7 +83,19 @@ class CvmfsLayers:
 
     def find(self, hexdigest: str) -> Optional[Tuple[thin.ThinLayer, str]]:
         """The published layer `hexdigest` in the first allowed repository that has it,
-        and its directory."""
+        and its directory; None when none has it, or when the repositories do not answer
+        within LOOKUP_SECONDS (every pull asks: a stuck CVMFS mount must not stall the
+        node's pulls - containerd then downloads the layer)."""
+        future = self._lookups.submit(self._find, hexdigest)
+        try:
+            return future.result(timeout=LOOKUP_SECONDS)
+        except concurrent.futures.TimeoutError:
+            log.warning("CVMFS did not answer within %d s whether layer sha256:%s is "
+                        "published (%s): containerd downloads it", LOOKUP_SECONDS,
+                        hexdigest, ", ".join(self.repositories))
+            return None
+
+    def _find(self, hexdigest: str) -> Optional[Tuple[thin.ThinLayer, str]]:
         for repo in self.repositories:
             layer = thin.ThinLayer(repo, thin.layer_path(hexdigest), hexdigest)
             try:
