@@ -16,18 +16,29 @@ from .config import DEFAULT_CONFIG_PATH, LOG_LEVELS, ConfigError, load, parse_li
 from .driver import Driver
 from .errors import DriverError
 from .server import PluginServer, activated_socket, bind_socket, sd_notify
+from .volumes import Volumes
 
 log = logging.getLogger("cvmfs_graphdriver")
 
 STATE_DIR = "/run/cvmfs-graphdriver"
+# The cvmfs volumes dockerd has made (they outlive a reboot, as dockerd's record of them).
+VOLUMES_STATE_DIR = "/var/lib/cvmfs-graphdriver/volumes"
+
+
+def _socket_key(socket_path: str) -> str:
+    """A file name for the daemon serving `socket_path`: daemons on other sockets never
+    pick up each other's state."""
+    return os.path.normpath(socket_path).strip("/").replace("/", "-")
 
 
 def state_file(socket_path: str) -> str:
     """Where the daemon serving `socket_path` records dockerd's Init (gone after a reboot,
-    like the mounts). Named after the whole socket path: daemons on other sockets never
-    pick up each other's home."""
-    name = os.path.normpath(socket_path).strip("/").replace("/", "-")
-    return os.path.join(STATE_DIR, f"{name}.init.json")
+    like the mounts)."""
+    return os.path.join(STATE_DIR, f"{_socket_key(socket_path)}.init.json")
+
+
+def volumes_state_file(socket_path: str) -> str:
+    return os.path.join(VOLUMES_STATE_DIR, f"{_socket_key(socket_path)}.json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,18 +64,41 @@ def _parser() -> argparse.ArgumentParser:
                    help="where CVMFS repositories are mounted (default /cvmfs)")
     s.add_argument("--repositories", metavar="REPO[,REPO...]",
                    help="repositories thin images may use (replaces the configured list)")
+    vol = s.add_mutually_exclusive_group()
+    vol.add_argument("--volumes", dest="volumes", action="store_true", default=None,
+                     help="also serve allowed repositories as read-only Docker volumes "
+                     "(VolumeDriver; the default)")
+    vol.add_argument("--no-volumes", dest="volumes", action="store_false",
+                     help="serve the graph driver only")
+    v = sub.add_parser("volumes", help="serve only the VolumeDriver protocol: allowed "
+                       "repositories as read-only Docker volumes (for snapshotter mode)")
+    v.add_argument("--config", metavar="FILE",
+                   help=f"configuration file (default {DEFAULT_CONFIG_PATH}, optional)")
+    v.add_argument("--socket", metavar="PATH",
+                   help="unix socket to listen on (default /run/docker/plugins/cvmfs.sock)")
+    v.add_argument("--log-level", choices=LOG_LEVELS)
+    v.add_argument("--cvmfs-root", metavar="DIR",
+                   help="where CVMFS repositories are mounted (default /cvmfs)")
+    v.add_argument("--repositories", metavar="REPO[,REPO...]",
+                   help="repositories that are volumes (replaces the configured list)")
     show = sub.add_parser("show-config", help="print the effective configuration")
     show.add_argument("--config", metavar="FILE", help="configuration file to read")
     _snapshotter_parser(sub)
     return p
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, graph: bool = True) -> int:
+    """`serve` (the graph driver, and volumes when configured) or `volumes` (graph=False:
+    volumes only)."""
     cfg = load(args.config).replace(
-        socket=args.socket, log_level=args.log_level, sync_layers=args.sync_layers,
-        cvmfs_root=args.cvmfs_root,
+        socket=args.socket, log_level=args.log_level,
+        sync_layers=getattr(args, "sync_layers", None), cvmfs_root=args.cvmfs_root,
         repositories=None if args.repositories is None else parse_list(args.repositories),
+        volumes=getattr(args, "volumes", None),
     )
+    if not graph and not cfg.volumes:
+        raise ConfigError("`volumes` serves the VolumeDriver protocol, which the "
+                          "configuration turns off (volumes = false)")
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     sock = activated_socket()
@@ -72,9 +106,14 @@ def serve(args: argparse.Namespace) -> int:
     if sock is None:
         sock = bind_socket(cfg.socket)
         bound_path = cfg.socket
-    driver = Driver(cfg, state_file=state_file(cfg.socket))
-    driver.restore()
-    server = PluginServer(sock, driver)
+    driver = None
+    if graph:
+        driver = Driver(cfg, state_file=state_file(cfg.socket))
+        driver.restore()
+    volumes = None
+    if cfg.volumes:
+        volumes = Volumes(cfg.cvmfs_root, cfg.repositories, volumes_state_file(cfg.socket))
+    server = PluginServer(sock, driver, volumes)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping (mounts stay: running containers keep their layers)",
@@ -84,8 +123,8 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("cvmfs-graphdriver %s listening on %s", __version__,
-             bound_path or f"socket from systemd (fd {sock.fileno()})")
+    log.info("cvmfs-graphdriver %s (%s) listening on %s", __version__,
+             " + ".join(server.faces), bound_path or f"socket from systemd (fd {sock.fileno()})")
     sd_notify(f"READY=1\nSTATUS=listening on {bound_path or 'activated socket'}")
     try:
         server.serve_forever(poll_interval=0.5)
@@ -160,6 +199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "volumes":
+            return serve(args, graph=False)
         if args.command == "snapshotter":
             return snapshotter(args)
         if args.command == "show-config":

@@ -14,6 +14,10 @@
     cvmfs_root = /cvmfs
     # Repositories thin images may use (comma separated). Empty: thin images are refused.
     repositories =
+    # Also serve Docker's VolumeDriver protocol on the socket: `docker run --mount
+    # type=volume,volume-driver=cvmfs,src=REPO,dst=/cvmfs/REPO` mounts an allowed
+    # repository read-only. The `volumes` command serves only this (snapshotter mode).
+    volumes = true
 
     [snapshotter]
     # The containerd snapshotter face (`cvmfs-graphdriver snapshotter`); [driver]'s
@@ -57,6 +61,7 @@ class Config:
     sync_layers: bool = True
     cvmfs_root: str = "/cvmfs"
     repositories: Tuple[str, ...] = ()
+    volumes: bool = True
     # [snapshotter] section
     snapshotter_socket: str = "/run/cvmfs-graphdriver/snapshotter.sock"
     snapshotter_home: str = "/var/lib/cvmfs-graphdriver/snapshotter"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 from .driver import DiffWriter, Driver
 from .errors import DriverError
 from .layout import LayerId, validate_id
+from .volumes import VOLUME_ROUTES, Volumes, implements
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +175,9 @@ def _apply_diff(d: Driver, r: Request) -> Dict[str, Any]:
     return {"Size": d.apply_diff(layer, r.query_layer("parent"), r.body)}
 
 
+# The GraphDriver calls; the VolumeDriver calls are volumes.VOLUME_ROUTES, and
+# Plugin.Activate names the faces a server has (PluginServer.routes).
 ROUTES: Dict[str, Route] = {
-    "Plugin.Activate": lambda d, r: {"Implements": ["GraphDriver"]},
     "GraphDriver.Init": lambda d, r: _done(lambda: d.init(
         r.text("Home"), r.json().get("Opts"), r.json().get("UIDMaps"), r.json().get("GIDMaps"))),
     "GraphDriver.Capabilities": lambda d, r: {"Capabilities": {"ReproducesExactDiffs": False}},
@@ -231,13 +234,16 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         method = url.path.lstrip("/")
         req = Request(method, url.query, self._body_reader())
-        route = ROUTES.get(method)
+        route = self.server.routes.get(method)
         if route is None:
             self._finish_body(req)
-            self._error(f"unknown plugin call {method}", 404)
+            hint = (" (this daemon serves no volumes: `volumes = true` in its "
+                    "configuration turns them on)"
+                    if method in VOLUME_ROUTES else "")
+            self._error(f"unknown plugin call {method}{hint}", 404)
             return
         try:
-            result = route(self.server.driver, req)
+            result = route(req)
             req.body.drain()
         except DriverError as e:
             self._finish_body(req)
@@ -289,12 +295,25 @@ class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
 
-    def __init__(self, sock: socket.socket, driver: Driver) -> None:
+    def __init__(self, sock: socket.socket, driver: Optional[Driver],
+                 volumes: Optional[Volumes] = None) -> None:
+        """Serves the GraphDriver calls when given a driver, the VolumeDriver calls when
+        given volumes (the `volumes` command: volumes only)."""
         super().__init__("", Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
         self.server_address = sock.getsockname()
         self.driver = driver
+        self.volumes = volumes
+        self.faces = implements(driver is not None, volumes)
+        self.routes: Dict[str, Callable[[Request], Result]] = {
+            "Plugin.Activate": lambda r: {"Implements": list(self.faces)}}
+        if driver is not None:
+            self.routes.update({m: functools.partial(route, driver)
+                                for m, route in ROUTES.items()})
+        if volumes is not None:
+            self.routes.update({m: functools.partial(route, volumes)
+                                for m, route in VOLUME_ROUTES.items()})
 
 
 def activated_socket() -> Optional[socket.socket]:

@@ -67,7 +67,9 @@ def test_serve_binds_its_socket_0600_and_notifies_readiness(tmp_path):
         message = notify.recv(4096).decode()
         assert "READY=1" in message.splitlines()
         assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
-        assert call(sock_path, "Plugin.Activate", {}) == {"Implements": ["GraphDriver"]}
+        # volumes = true by default: the same socket is also a VolumeDriver
+        assert call(sock_path, "Plugin.Activate", {}) == {
+            "Implements": ["GraphDriver", "VolumeDriver"]}
         caps = call(sock_path, "GraphDriver.Capabilities", {})
         assert caps == {"Capabilities": {"ReproducesExactDiffs": False}}
         err = call(sock_path, "GraphDriver.Get", {"ID": "a" * 64})
@@ -120,7 +122,8 @@ def test_serve_uses_a_socket_passed_by_systemd(tmp_path):
             wait_for(lambda: _answers(activated))
         except AssertionError:
             raise AssertionError(f"no answer on the activated socket; log:\n{stop(proc)}") from None
-        assert call(activated, "Plugin.Activate", {}) == {"Implements": ["GraphDriver"]}
+        assert call(activated, "Plugin.Activate", {}) == {
+            "Implements": ["GraphDriver", "VolumeDriver"]}
         assert not os.path.exists(unused)
     finally:
         log = stop(proc)
