@@ -33,3 +33,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check -e 'driver[test]'
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-ansible.txt
+
+# CernVM-FS: a real client and stratum 0 for the thin-image and lazy-pull tests, from
+# where scripts/cvmfs.sh decides (CERN's repository, ../shared/cvmfs, or loudly none).
+bash scripts/cvmfs.sh install all

@@ -7,30 +7,24 @@ A test that cannot get what it needs is skipped locally with the reason shown, a
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from dataclasses import dataclass
-from typing import Dict
+import warnings
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from harness import (  # noqa: E402
+    IN_CI,
+    CvmfsRepos,
     Dockerd,
     DriverProcess,
     Registry,
     import_busybox,
     need,
+    real_cvmfs_available,
     require_tool,
 )
-
-
-@dataclass(frozen=True)
-class CvmfsTree:
-    root: str  # what the driver has as cvmfs_root
-    stores: Dict[str, str]  # repository -> the publisher-side tree (dir: store)
-
 
 PLUGIN_NAME = os.environ.get("CVMFS_GRAPHDRIVER_TEST_PLUGIN", "cvmfs")
 
@@ -54,28 +48,28 @@ def _need_docker() -> None:
             need(False, str(e))
 
 
-THIN_REPOS = ("test.repo", "ducc.repo")
+# Repositories of real CernVM-FS (a stratum 0 here, read through real client mounts) ...
+CVMFS_REPOS = ("test.repo", "ducc.repo")
+# ... and one plain directory tree, the `dir:` layer store's own case.
+PLAIN_REPOS = ("dir.repo",)
+THIN_REPOS = CVMFS_REPOS + PLAIN_REPOS
 
 
 @pytest.fixture(scope="session")
 def cvmfs(workdir):
-    """Stand-in for CernVM-FS (which cannot be installed here): for each repository, a
-    publisher-side directory tree (`store`) mounted read-only, as a CVMFS client would
-    show it, at <root>/<repo>. The driver reads thin layers from <root> only."""
-    need(os.geteuid() == 0, "needs root for bind mounts")
-    root = os.path.join(workdir, "cvmfs")
-    stores = {}
-    for repo in THIN_REPOS:
-        store = os.path.join(workdir, "publisher", repo)
-        mnt = os.path.join(root, repo)
-        os.makedirs(store, exist_ok=True)
-        os.makedirs(mnt, exist_ok=True)
-        subprocess.run(["mount", "--bind", store, mnt], check=True)
-        subprocess.run(["mount", "-o", "remount,bind,ro", mnt], check=True)
-        stores[repo] = store
-    yield CvmfsTree(root, stores)
-    for repo in THIN_REPOS:
-        subprocess.run(["umount", "-l", os.path.join(root, repo)], check=False)
+    """The thin-image repositories (harness.CvmfsRepos): real CernVM-FS where
+    scripts/cvmfs.sh installed it; otherwise, loudly, local directories standing in for
+    it, which CI refuses."""
+    need(os.geteuid() == 0, "needs root for mounts")
+    real = real_cvmfs_available()
+    if not real:
+        need(not IN_CI, "no real CernVM-FS here (scripts/cvmfs.sh install): CI runs the "
+             "thin-image tests on a real stratum 0 and client")
+        warnings.warn("NO REAL CERNVM-FS: the thin-image tests read local directories "
+                      "standing in for the repositories (scripts/cvmfs.sh install)", stacklevel=2)
+    repos = CvmfsRepos(workdir, list(CVMFS_REPOS), list(PLAIN_REPOS), real).start()
+    yield repos
+    repos.stop()
 
 
 @pytest.fixture(scope="session")

@@ -338,3 +338,129 @@ def export_manifest(data: bytes) -> Dict[str, tuple]:
             dev = (m.devmajor, m.devminor) if m.ischr() else (0, 0)
             out[name] = (kind, oct(m.mode), m.uid, m.gid, m.size, digest, link, *dev, xattrs)
     return out
+
+
+# ---------------------------------------------------------------------------- CernVM-FS
+
+TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+CVMFS_SH = os.path.join(TOP, "scripts", "cvmfs.sh")
+
+
+def real_cvmfs_available() -> bool:
+    """A real CVMFS client and server on this machine (scripts/cvmfs.sh install)."""
+    return all(shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin")
+               for t in ("cvmfs_server", "cvmfs2", "cvmfs_talk", "mount.cvmfs"))
+
+
+class CvmfsRepos:
+    """The repositories the thin-image tests read, at `root/<repo>` (the driver's CVMFS
+    root).
+
+    Real (the default where scripts/cvmfs.sh installed CernVM-FS): each repository lives
+    on a stratum 0 on this machine (its own writable view at /cvmfs/<repo>) and is read
+    through a real client mount at root/<repo>, which is what the driver reads.
+    `put_tree()` and `delete()` publish as DUCC does (`cvmfs_server ingest`); `refresh()`
+    makes the client see a new revision at once instead of at its TTL.
+
+    Stand-in (no CernVM-FS here; CI refuses it): each repository is a directory
+    (`stores[repo]`) bind-mounted read-only at root/<repo>, written directly.
+
+    `plain` repositories are always directories: the `dir:` layer store's own case (a
+    tree on a shared filesystem), not a stand-in for CVMFS.
+    """
+
+    def __init__(self, workdir: str, repos: List[str], plain: List[str], real: bool) -> None:
+        # The client runs as user cvmfs: its mount points and cache cannot be below
+        # pytest's 0700 tmp.
+        self.base = f"/var/tmp/cgd-cvmfs-{os.getpid()}"
+        os.makedirs(self.base, exist_ok=True)
+        os.chmod(self.base, 0o755)
+        self.root = os.path.join(self.base, "cvmfs")
+        self.real = real
+        self.cache = os.path.join(self.base, "cache")
+        self.repos = list(repos)
+        self.plain = list(plain)
+        self.stores: Dict[str, str] = {}
+        for repo in ([] if real else repos) + plain:
+            self.stores[repo] = os.path.join(workdir, "publisher", repo)
+            os.makedirs(self.stores[repo], exist_ok=True)
+
+    # what cvmfs-thin publishes with, and where its `has` looks
+    def store_args(self, repo: str) -> List[str]:
+        if repo in self.stores:
+            return ["--store", f"dir:{self.stores[repo]}", "--repo", repo]
+        return ["--store", f"cvmfs:{repo}", "--cvmfs-root", "/cvmfs"]
+
+    def publisher_view(self, repo: str) -> str:
+        return self.stores.get(repo) or os.path.join("/cvmfs", repo)
+
+    def _sh(self, *args: str) -> None:
+        r = subprocess.run(["bash", CVMFS_SH, *args], capture_output=True, text=True,
+                           timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"scripts/cvmfs.sh {' '.join(args)} failed:\n{r.stderr}")
+
+    def start(self) -> CvmfsRepos:
+        if self.real:
+            self._sh("stratum0", *self.repos)
+        for repo in self.repos + self.plain:
+            self.mount(repo)
+        return self
+
+    def mount(self, repo: str) -> None:
+        mnt = os.path.join(self.root, repo)
+        os.makedirs(mnt, exist_ok=True)
+        if repo in self.stores:
+            subprocess.run(["mount", "--bind", self.stores[repo], mnt], check=True)
+            subprocess.run(["mount", "-o", "remount,bind,ro", mnt], check=True)
+        else:
+            self._sh("mount", repo, mnt, self.cache)
+
+    def unmount(self, repo: str) -> None:
+        mnt = os.path.join(self.root, repo)
+        subprocess.run(["umount", mnt], check=True)
+        os.rmdir(mnt)
+
+    def refresh(self, repo: str) -> None:
+        if repo not in self.stores:
+            self._sh("remount", os.path.join(self.root, repo), self.cache)
+
+    def server(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["cvmfs_server", *args], capture_output=True, text=True,
+                              timeout=600, check=check, cwd="/")
+
+    def put_tree(self, repo: str, base_dir: str, tree: str) -> None:
+        """Publish the contents of `tree` at base_dir, as DUCC does: `cvmfs_server ingest`
+        of a tar (a transaction's publish would drop literal `.wh.*` files, which ingest
+        keeps), with the owners kept (-k; DUCC itself does not pass it)."""
+        if repo in self.stores:
+            dest = os.path.join(self.stores[repo], base_dir)
+            os.makedirs(dest, exist_ok=True)
+            subprocess.run(["cp", "-a", f"{tree}/.", dest], check=True)
+            return
+        tar = subprocess.run(["tar", "-C", tree, "--numeric-owner", "-cf", "-", "."],
+                             capture_output=True, check=True).stdout
+        self._ingest(repo, ["-k", "-t", "-", "-b", base_dir], tar)
+
+    def delete(self, repo: str, rel: str) -> None:
+        """Unpublish a path of the repository."""
+        if repo in self.stores:
+            shutil.rmtree(os.path.join(self.stores[repo], rel))
+            return
+        self._ingest(repo, ["-d", rel], b"")
+
+    def _ingest(self, repo: str, args: List[str], data: bytes) -> None:
+        r = subprocess.run(["cvmfs_server", "ingest", *args, repo], input=data,
+                           capture_output=True, timeout=600, cwd="/")
+        if r.returncode != 0:
+            raise RuntimeError(f"cvmfs_server ingest {' '.join(args)} {repo} failed:\n"
+                               f"{r.stdout.decode(errors='replace')}"
+                               f"{r.stderr.decode(errors='replace')}")
+        self.refresh(repo)
+
+    def stop(self) -> None:
+        for repo in self.repos + self.plain:
+            mnt = os.path.join(self.root, repo)
+            subprocess.run(["umount", "-l", mnt], check=False, capture_output=True)
+        if not any(os.path.ismount(os.path.join(self.root, r)) for r in self.repos + self.plain):
+            shutil.rmtree(self.base, ignore_errors=True)

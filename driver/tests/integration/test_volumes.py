@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -34,20 +33,14 @@ def _allowed(driver_proc) -> str:
 
 
 def _publish(cvmfs, rel: str, content: str, scratch: str) -> None:
-    """Put a file into the repository: published with `cvmfs_server ingest` on real
-    CernVM-FS (harness.CvmfsRepos.put_tree), written into the publisher-side directory of
-    a stand-in."""
+    """Put a file into the repository (harness.CvmfsRepos.put_tree: `cvmfs_server ingest`
+    on real CernVM-FS)."""
     tree = os.path.join(scratch, "tree")
     os.makedirs(tree)
     with open(os.path.join(tree, os.path.basename(rel)), "w") as f:
         f.write(content)
-    put_tree = getattr(cvmfs, "put_tree", None)
-    if put_tree is not None:
-        put_tree(REPO, os.path.dirname(rel), tree)
-    else:
-        dest = os.path.join(cvmfs.stores[REPO], os.path.dirname(rel))
-        os.makedirs(dest, exist_ok=True)
-        shutil.copy(os.path.join(tree, os.path.basename(rel)), dest)
+    os.chmod(tree, 0o755)
+    cvmfs.put_tree(REPO, os.path.dirname(rel), tree)
     assert os.path.exists(os.path.join(cvmfs.root, REPO, rel))  # what the driver sees
 
 

@@ -1,5 +1,6 @@
 """Lazy pulls end to end (issue 8): an image pushed to a registry, its layers published
-with `cvmfs-thin convert --digests registry` into a repository tree (the CVMFS stand-in),
+with `cvmfs-thin convert --digests registry` into a repository (the session's `cvmfs`
+fixture: a real CernVM-FS stratum 0 and client mount where scripts/cvmfs.sh installed it),
 then pulled into a private containerd through the snapshotter by a client that adds the
 remote-snapshotter annotations as Docker >= 24, nerdctl and the CRI do (lazypull). The
 registry's access log must show no request for a published layer's blob, and containers
@@ -18,7 +19,7 @@ from harness import busybox_rootfs, tar_of
 from sntools import Daemon, need, need_grpc
 
 TOP = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 3))
-REPO = "lazy.example.org"
+REPO = "test.repo"
 
 
 def build_go_tool(name: str) -> str:
@@ -51,7 +52,7 @@ def registry_layers(ref_dockerd, ref: str) -> list:
 
 
 @pytest.fixture(scope="module")
-def published(ref_dockerd, registry, tmp_path_factory):
+def published(ref_dockerd, registry, cvmfs, tmp_path_factory):
     """Two images in the registry: cgd/lazy:1 (busybox + a layer that deletes and makes
     a directory opaque), published into the repository tree; cgd/lazy:2 = lazy:1 plus a
     layer that is not published."""
@@ -78,14 +79,14 @@ def published(ref_dockerd, registry, tmp_path_factory):
         d.docker("tag", local, ref)
         d.docker("push", ref)
         refs[remote] = ref
-    cvmfs_root = os.path.join(work, "cvmfs")
-    os.makedirs(os.path.join(cvmfs_root, REPO))
+    cvmfs_root = cvmfs.root
     thin = os.path.join(TOP, ".venv/bin/cvmfs-thin")
     r = subprocess.run([thin, "--docker-host", d.host, "convert", refs["cgd/lazy:1"],
-                        "--digests", "registry", "--store", f"dir:{cvmfs_root}/{REPO}",
-                        "--repo", REPO, "--tag", "cgd/lazy-thin:1"],
+                        "--digests", "registry", *cvmfs.store_args(REPO),
+                        "--tag", "cgd/lazy-thin:1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    cvmfs.refresh(REPO)
     layers = registry_layers(d, refs["cgd/lazy:1"])
     assert len(layers) == 3
     for digest in layers:  # published under the registry's (compressed) digests

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from .. import __version__, archive, thin, whiteouts
 from ..errors import DriverError
@@ -21,11 +21,10 @@ from .stores import (
     flat_dir,
     layer_dir,
     parse_store,
+    progress,
 )
 
-
-def _progress(msg: str) -> None:
-    print(f"cvmfs-thin: {msg}", file=sys.stderr, flush=True)
+_progress = progress
 
 
 def _mb(n: float) -> str:
@@ -60,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cvmfs-root", default="/cvmfs", metavar="DIR",
                    help="where the cvmfs: store's repository is mounted (default /cvmfs)")
     c.add_argument("--workdir", metavar="DIR", help="scratch space (default: $TMPDIR)")
+    c.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="cvmfs: store: wait this long for another cvmfs-thin publishing "
+                   "into the repository (default: refuse at once)")
+    c.add_argument("--step-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="cvmfs: store: stop (and abort) a cvmfs_server step that takes "
+                   "longer (default 3600)")
 
     i = sub.add_parser("inspect", help="print a thin image's descriptor and check its layers")
     i.add_argument("image", metavar="IMAGE")
@@ -85,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def convert(args: argparse.Namespace) -> int:
-    store = parse_store(args.store, args.repo, args.cvmfs_root)
+    store = parse_store(args.store, args.repo, args.cvmfs_root, args.wait, args.step_timeout)
     check_repo_name(store.repo)
     client = images.docker_client(args.docker_host)
     image = images.get_image(client, args.source)
@@ -94,6 +99,24 @@ def convert(args: argparse.Namespace) -> int:
     _progress(f"{args.source}: {len(diff_ids)} layers, {_mb(attrs.get('Size', 0))}, "
               f"store {store.describe()}")
     started = time.monotonic()
+    with store.session():
+        layers, published, skipped = _publish(store, image, attrs, diff_ids, args)
+    descriptor = thin.Descriptor("1.0", tuple(layers), origin=args.source)
+    tag_id, size = _make_image(client, descriptor, images.thin_config({"config": attrs["Config"]}),
+                               attrs, args.tag, f"cvmfs-thin convert {args.source}")
+    if args.push:
+        images.push(client, args.tag, _progress)
+        _progress(f"pushed {args.tag}")
+    print(f"thin image {images.normalise_tag(args.tag)} ({tag_id[:19]}): {len(layers)} "
+          f"layer(s) in cvmfs://{store.repo} ({published} published, {skipped} already there), "
+          f"thin layer {size} bytes, source {_mb(attrs.get('Size', 0))}, "
+          f"{time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _publish(store: Store, image: Any, attrs: dict, diff_ids: List[str],
+             args: argparse.Namespace) -> Tuple[List[thin.ThinLayer], int, int]:
+    """Publish what the store lacks of the image; its thin layers, published and skipped."""
     published = skipped = 0
     if args.flat:
         key = image.id.split(":", 1)[1]
@@ -119,17 +142,7 @@ def convert(args: argparse.Namespace) -> int:
                     _publish_layer(store, saved, n, diff_ids, args.source, keys[n])
                     published += 1
         layers = [thin.ThinLayer(store.repo, layer_dir(k), k) for k in keys]
-    descriptor = thin.Descriptor("1.0", tuple(layers), origin=args.source)
-    tag_id, size = _make_image(client, descriptor, images.thin_config({"config": attrs["Config"]}),
-                               attrs, args.tag, f"cvmfs-thin convert {args.source}")
-    if args.push:
-        images.push(client, args.tag, _progress)
-        _progress(f"pushed {args.tag}")
-    print(f"thin image {images.normalise_tag(args.tag)} ({tag_id[:19]}): {len(layers)} "
-          f"layer(s) in cvmfs://{store.repo} ({published} published, {skipped} already there), "
-          f"thin layer {size} bytes, source {_mb(attrs.get('Size', 0))}, "
-          f"{time.monotonic() - started:.1f} s")
-    return 0
+    return layers, published, skipped
 
 
 def _registry_keys(source: str, attrs: dict, diff_ids: List[str]) -> List[str]:

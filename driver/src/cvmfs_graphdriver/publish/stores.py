@@ -16,15 +16,20 @@ it in its own transaction (all or nothing), on a CVMFS publisher node.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
+import threading
 import time
-from typing import IO, Callable, ContextManager, List, Optional
+from typing import IO, Callable, ContextManager, Iterator, List, Optional
 
 from .. import archive, mounts, thin, whiteouts
 from ..errors import DriverError
@@ -33,6 +38,13 @@ from ..errors import DriverError
 class PublishError(Exception):
     """A failure of the publishing tool; the message says what to do."""
 
+
+# A CVMFS publisher's per-repository spool directory (cvmfs_server's CVMFS_SPOOL_DIR),
+# where cvmfs-thin keeps its lock and the note that it opened a transaction.
+CVMFS_SPOOL = "/var/spool/cvmfs"
+LOCK_FILE = "cvmfs-thin.lock"
+TRANSACTION_OWNER = "cvmfs-thin.transaction"
+ABORT_TIMEOUT = 300
 
 # DUCC's repository layout (the paths live in thin.py: the driver reads them too).
 layer_dir = thin.layer_path
@@ -75,6 +87,10 @@ class Store:
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def session(self) -> ContextManager[None]:
+        """Around a run's publishing: what the store needs held (a lock) or recovered."""
+        return contextlib.nullcontext()
 
 
 class DirStore(Store):
@@ -143,13 +159,31 @@ class DirStore(Store):
 
 
 class CvmfsStore(Store):
-    """Publishes with `cvmfs_server ingest` on a CVMFS publisher (stratum 0) node."""
+    """Publishes with `cvmfs_server ingest` on a CVMFS publisher (stratum 0) node.
+
+    Each layer is two ingests (its `.metadata`, then its `layerfs`), each its own
+    transaction that `cvmfs_server ingest` opens and publishes, as DUCC does; the files keep
+    the image's owners (`--keep-ownership`). Around a run:
+    - one cvmfs-thin at a time per repository (a lock in the repository's spool
+      directory): a second one waits up to `wait` seconds, then is refused, naming the
+      first;
+    - every server step is bounded by `step_timeout` and says what it is waiting on;
+    - a failed or interrupted step never leaves the repository in a transaction: a
+      transaction this tool opened is aborted, then or by the next run (the spool
+      directory records who opened it); one opened by anybody else is left alone and
+      the run is refused with what to do.
+    """
 
     def __init__(self, repo: str, cvmfs_root: str = "/cvmfs",
-                 cvmfs_server: Optional[str] = None) -> None:
+                 cvmfs_server: Optional[str] = None, wait: float = 0.0,
+                 step_timeout: float = 3600.0, spool: str = CVMFS_SPOOL) -> None:
         super().__init__(repo)
         self.cvmfs_root = cvmfs_root
         self.cvmfs_server = cvmfs_server or os.environ.get("CVMFS_SERVER", "cvmfs_server")
+        self.wait = wait
+        self.step_timeout = step_timeout
+        self.spool = os.path.join(spool, repo)
+        self._locked = False
 
     def describe(self) -> str:
         return f"cvmfs:{self.repo}"
@@ -157,35 +191,163 @@ class CvmfsStore(Store):
     def has(self, rel: str) -> bool:
         return os.path.isdir(os.path.join(self.cvmfs_root, self.repo, rel))
 
+    # ------------------------------------------------------------ one publisher at a time
+
+    def _in_transaction(self) -> bool:
+        return os.path.exists(os.path.join(self.spool, "in_transaction.lock"))
+
+    def _ours_file(self) -> str:
+        return os.path.join(self.spool, TRANSACTION_OWNER)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        if shutil.which(self.cvmfs_server) is None:
+            raise PublishError(
+                f"{self.cvmfs_server} not found: the cvmfs: store runs on a CVMFS publisher "
+                "node (package cvmfs-server); elsewhere use --store dir:PATH")
+        if not os.path.isdir(self.spool):
+            raise PublishError(
+                f"{self.repo} is not a repository of this publisher (no {self.spool}): "
+                f"create it with `cvmfs_server mkfs {self.repo}`, or run cvmfs-thin on the "
+                "repository's stratum 0")
+        with open(os.path.join(self.spool, LOCK_FILE), "a+") as lock:
+            self._lock(lock)
+            try:
+                self._recover()
+                self._locked = True
+                yield
+            finally:
+                self._locked = False
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _lock(self, lock: IO[str]) -> None:
+        deadline = time.monotonic() + self.wait
+        said = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "unknown"
+                if time.monotonic() >= deadline:
+                    raise PublishError(
+                        f"another cvmfs-thin ({holder}) is publishing into {self.repo}: "
+                        "retry when it is done, or pass --wait SECONDS to wait for it"
+                    ) from None
+                if not said:
+                    progress(f"waiting up to {self.wait:.0f} s for another cvmfs-thin "
+                              f"({holder}) publishing into {self.repo}")
+                    said = True
+                time.sleep(0.5)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {os.uname().nodename} since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+
+    def _recover(self) -> None:
+        """Under the lock: a transaction left open by a cvmfs-thin that died is aborted;
+        anybody else's is refused."""
+        ours = os.path.exists(self._ours_file())
+        if self._in_transaction():
+            if not ours:
+                raise PublishError(
+                    f"{self.repo} is in a transaction cvmfs-thin did not open (someone is "
+                    f"publishing by hand, or another tool is): publish it (`cvmfs_server "
+                    f"publish {self.repo}`) or abort it (`cvmfs_server abort {self.repo}`), "
+                    "then retry")
+            progress(f"{self.repo}: aborting the transaction an interrupted cvmfs-thin "
+                      "left open")
+            self._abort()
+        elif ours:
+            os.unlink(self._ours_file())
+
+    def _abort(self) -> None:
+        cmd = [self.cvmfs_server, "abort", "-f", self.repo]
+        try:
+            r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               timeout=ABORT_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            raise PublishError(
+                f"`{' '.join(cmd)}` did not finish in {ABORT_TIMEOUT} s: {self.repo} may "
+                f"still be in a transaction; check with `cvmfs_server list`") from None
+        if r.returncode != 0 and self._in_transaction():
+            raise PublishError(
+                f"`{' '.join(cmd)}` failed ({r.returncode}): {self.repo} is still in a "
+                f"transaction:\n{r.stdout.decode(errors='replace').strip()}")
+        if os.path.exists(self._ours_file()):
+            os.unlink(self._ours_file())
+
+    # ------------------------------------------------------------ ingest
+
     def ingest_command(self, base_dir: str, catalog: bool) -> List[str]:
-        cmd = [self.cvmfs_server, "ingest", "--tar_file", "-", "--base_dir", base_dir]
+        cmd = [self.cvmfs_server, "ingest", "--keep-ownership", "--tar_file", "-",
+               "--base_dir", base_dir]
         if catalog:
             cmd.append("--catalog")
         cmd.append(self.repo)
         return cmd
 
     def _ingest(self, base_dir: str, feed: Callable[[IO[bytes]], None], catalog: bool) -> None:
+        if not self._locked:
+            raise RuntimeError("CvmfsStore: publish outside session()")
         cmd = self.ingest_command(base_dir, catalog)
+        shown = " ".join(cmd)
+        # Whatever happens from here, a transaction left open is this run's to abort.
+        with open(self._ours_file(), "w") as f:
+            f.write(f"{os.getpid()}\n")
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         except FileNotFoundError:
+            os.unlink(self._ours_file())
             raise PublishError(
                 f"{self.cvmfs_server} not found: the cvmfs: store runs on a CVMFS publisher "
                 "node (package cvmfs-server); elsewhere use --store dir:PATH"
             ) from None
         assert proc.stdin is not None and proc.stdout is not None
+        stdout = proc.stdout
+        output: List[bytes] = []
+        reader = threading.Thread(target=lambda: output.append(stdout.read()), daemon=True)
+        reader.start()
+        timed_out = threading.Event()
+
+        def expire() -> None:
+            timed_out.set()
+            _kill_group(proc)
+
+        timer = threading.Timer(self.step_timeout, expire)
+        timer.start()
         try:
-            feed(proc.stdin)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        output = proc.stdout.read().decode(errors="replace")
-        if proc.wait() != 0:
-            raise PublishError(
-                f"`{' '.join(cmd)}` failed with exit code {proc.returncode} (the transaction "
-                f"was not published):\n{output.strip()}"
-            )
+            try:
+                feed(proc.stdin)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            rc = proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            proc.wait()
+            self._abort_if_open()
+            raise
+        finally:
+            timer.cancel()
+            reader.join(10)
+        text = b"".join(output).decode(errors="replace").strip()
+        if rc != 0 or self._in_transaction():
+            self._abort_if_open()
+            why = (f"did not finish in {self.step_timeout:.0f} s (--step-timeout) and was "
+                   "stopped" if timed_out.is_set() else f"failed with exit code {rc}")
+            raise PublishError(f"`{shown}` {why} (the transaction was not published; "
+                               f"{self.repo} is not left in a transaction):\n{text}")
+        os.unlink(self._ours_file())
+
+    def _abort_if_open(self) -> None:
+        if self._in_transaction():
+            self._abort()
+        elif os.path.exists(self._ours_file()):
+            os.unlink(self._ours_file())
 
     def publish_layer(self, rel: str, open_tar: Opener, markers: whiteouts.LayerMarkers,
                       origin: str, diff_id: str) -> None:
@@ -217,6 +379,17 @@ class CvmfsStore(Store):
             shutil.rmtree(tree, ignore_errors=True)
 
 
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server step and what it started (cvmfs_server runs swissknife, mounts)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def progress(message: str) -> None:
+    """A line of what cvmfs-thin is doing, on stderr (stdout carries the results)."""
+    print(f"cvmfs-thin: {message}", file=sys.stderr, flush=True)
+
+
 def _alive(pid: str) -> bool:
     if not pid.isdigit() or int(pid) == os.getpid():
         return False
@@ -233,7 +406,8 @@ def _write_all(out: IO[bytes], data: bytes) -> None:
     out.write(data)
 
 
-def parse_store(spec: str, repo: Optional[str], cvmfs_root: str) -> Store:
+def parse_store(spec: str, repo: Optional[str], cvmfs_root: str, wait: float = 0.0,
+                step_timeout: float = 3600.0) -> Store:
     kind, _, value = spec.partition(":")
     if kind == "dir" and value:
         if not repo:
@@ -243,7 +417,7 @@ def parse_store(spec: str, repo: Optional[str], cvmfs_root: str) -> Store:
     if kind == "cvmfs" and value:
         if repo and repo != value:
             raise PublishError(f"--repo {repo} differs from the store's repository {value}")
-        return CvmfsStore(value, cvmfs_root)
+        return CvmfsStore(value, cvmfs_root, wait=wait, step_timeout=step_timeout)
     raise PublishError(f"unknown store {spec!r}: use dir:PATH or cvmfs:REPOSITORY")
 
 
