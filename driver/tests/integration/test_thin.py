@@ -1272,3 +1272,34 @@ def test_converting_a_thin_image_is_refused(docker_clean: Dockerd, cvmfs, source
             assert f"{src} is a thin image or built on one" in r.stderr, r.stderr
             assert d.docker("image", "inspect", "cgd-thin-nested:again",
                             check=False).returncode != 0
+
+
+# ---------------------------------------------------------------------------- set-uid
+
+
+EUID_C = '#include <stdio.h>\n#include <unistd.h>\n' \
+         'int main(void) { printf("euid=%d\\n", (int)geteuid()); return 0; }\n'
+
+
+def test_set_uid_binaries_of_a_thin_image_work_as_in_the_source(docker_clean: Dockerd, cvmfs,
+                                                                busybox, tmp_path):
+    """The CVMFS client mounts `nosuid`, but a container execs through its own overlay
+    mount: a set-uid binary of a thin image runs set-uid, as in the source image."""
+    from harness import need
+    need(shutil.which("gcc") is not None, "gcc is not installed (a static test binary)")
+    d = docker_clean
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (tmp_path / "euid.c").write_text(EUID_C)
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(ctx / "euid"), str(tmp_path / "euid.c")],
+                   check=True)
+    src = "cgd-thin-suid-src:1"
+    build(d, str(ctx), src, f"FROM {busybox}\nCOPY euid /usr/local/bin/euid\n"
+          f"RUN chmod 4755 /usr/local/bin/euid && echo {uuid.uuid4()} > /id\n",
+          {"euid": (ctx / "euid").read_bytes()})
+    tag = "cgd-thin-suid:1"
+    convert(d, cvmfs, src, tag)
+    for image in (src, tag):
+        assert d.out("run", "--rm", "--network", "none", "--user", "65534", image,
+                     "/usr/local/bin/euid") == "euid=0\n", image
+    assert sh(d, tag, "stat -c %a /usr/local/bin/euid") == "4755\n"
