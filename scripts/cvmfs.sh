@@ -6,6 +6,8 @@
 #   cvmfs.sh install [client|all]    install CVMFS from that source (idempotent)
 #   cvmfs.sh stratum0 REPO...        a stratum 0 on 127.0.0.1 with these repositories
 #   cvmfs.sh mount REPO DIR CACHE    a real client mount of a local repository at DIR
+#                                    (CVMFS_STRATUM0_URL=http://HOST/cvmfs/@fqrn@ reads it
+#                                    from elsewhere, e.g. through a shaped link)
 #   cvmfs.sh remount DIR CACHE       make the client at DIR see the latest revision
 #   cvmfs.sh umount DIR
 #
@@ -179,7 +181,7 @@ client_config() {  # REPO CACHE
   chown cvmfs:cvmfs "$cache"
   cat >"/etc/cvmfs/config.d/$repo.conf" <<EOF
 # Written by scripts/cvmfs.sh: a client of the stratum 0 on this machine.
-CVMFS_SERVER_URL=http://127.0.0.1/cvmfs/@fqrn@
+CVMFS_SERVER_URL=${CVMFS_STRATUM0_URL:-http://127.0.0.1/cvmfs/@fqrn@}
 CVMFS_PUBLIC_KEY=/etc/cvmfs/keys/$repo.pub
 CVMFS_HTTP_PROXY=DIRECT
 CVMFS_CACHE_BASE=$cache
