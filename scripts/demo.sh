@@ -80,7 +80,7 @@ all:
           ansible_connection: community.docker.docker
       vars:
         # CERN's package repositories are unreachable here: configuration only.
-        cvmfs_client_install: false
+        cvmfs_client_package_source: none
         cvmfs_client_repositories: [thin.example.org]
         # The node shares this machine's network namespace: no docker0, no iptables.
         docker_engine_bridge: none

@@ -52,7 +52,7 @@ def test_cvmfs_client_configuration(host):
 
 
 def test_cvmfs_client_not_installed_in_this_scenario(host):
-    # The scenario turns installation off (CERN's repositories are unreachable); if this
+    # The scenario installs nothing (cvmfs_client_package_source: none); if this
     # fails, the scenario's README and prepare.yml need revisiting.
     assert not host.file("/usr/bin/cvmfs_config").exists
     assert host.file("/cvmfs/thin.example.org").is_directory
