@@ -1284,22 +1284,34 @@ EUID_C = '#include <stdio.h>\n#include <unistd.h>\n' \
 def test_set_uid_binaries_of_a_thin_image_work_as_in_the_source(docker_clean: Dockerd, cvmfs,
                                                                 busybox, tmp_path):
     """The CVMFS client mounts `nosuid`, but a container execs through its own overlay
-    mount: a set-uid binary of a thin image runs set-uid, as in the source image."""
+    mount: a set-uid binary of a thin image runs set-uid, as in the source image. File
+    capabilities do not survive `cvmfs_server ingest`: cvmfs-thin says so."""
     from harness import need
-    need(shutil.which("gcc") is not None, "gcc is not installed (a static test binary)")
+    need(shutil.which("gcc") is not None and shutil.which("setcap") is not None,
+         "gcc and setcap are not installed (a static test binary with a capability)")
     d = docker_clean
     ctx = tmp_path / "ctx"
-    ctx.mkdir()
+    (ctx / "caps" / "usr/local/bin").mkdir(parents=True)
     (tmp_path / "euid.c").write_text(EUID_C)
     subprocess.run(["gcc", "-static", "-O2", "-o", str(ctx / "euid"), str(tmp_path / "euid.c")],
                    check=True)
+    pinger = ctx / "caps" / "usr/local/bin/pinger"
+    shutil.copy(ctx / "euid", pinger)
+    subprocess.run(["setcap", "cap_net_raw+ep", str(pinger)], check=True)
+    caps_tar = subprocess.run(["tar", "-C", str(ctx / "caps"), "--xattrs",
+                               "--xattrs-include=security.capability", "--numeric-owner",
+                               "-cf", "-", "usr"], check=True, capture_output=True).stdout
     src = "cgd-thin-suid-src:1"
     build(d, str(ctx), src, f"FROM {busybox}\nCOPY euid /usr/local/bin/euid\n"
-          f"RUN chmod 4755 /usr/local/bin/euid && echo {uuid.uuid4()} > /id\n",
-          {"euid": (ctx / "euid").read_bytes()})
+          f"RUN chmod 4755 /usr/local/bin/euid && echo {uuid.uuid4()} > /id\n"
+          "ADD caps.tar /\n",
+          {"euid": (ctx / "euid").read_bytes(), "caps.tar": caps_tar})
     tag = "cgd-thin-suid:1"
-    convert(d, cvmfs, src, tag)
+    r = convert(d, cvmfs, src, tag)
     for image in (src, tag):
         assert d.out("run", "--rm", "--network", "none", "--user", "65534", image,
                      "/usr/local/bin/euid") == "euid=0\n", image
     assert sh(d, tag, "stat -c %a /usr/local/bin/euid") == "4755\n"
+    if cvmfs.real:
+        assert "1 file(s) carry file capabilities (/usr/local/bin/pinger), which " \
+            "cvmfs_server ingest does not keep" in r.stderr, r.stderr

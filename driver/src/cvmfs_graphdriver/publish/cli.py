@@ -172,13 +172,18 @@ def _publish_layer(store: Store, saved: images.SavedImage, n: int, diff_ids: Lis
     h = diff_ids[n]
     t0 = time.monotonic()
     with saved.open_layer(n) as stream:
-        digest, names, size = images.scan_layer(stream)
+        digest, names, size, capabilities = images.scan_layer(stream)
     if digest != h:
         raise PublishError(f"layer {n + 1} of {origin} has digest {digest}, expected {h}: "
                            "the engine's copy is damaged; pull the image again")
     if [thin.DESCRIPTOR_NAME] in names:
         raise _nested(origin, n)
     markers = whiteouts.LayerMarkers.from_names(names)
+    if capabilities and isinstance(store, CvmfsStore):
+        _progress(f"warning: layer {n + 1}: {len(capabilities)} file(s) carry file "
+                  f"capabilities (/{capabilities[0]}{', ...' if len(capabilities) > 1 else ''}),"
+                  " which cvmfs_server ingest does not keep: in the thin image they run "
+                  "without them (set-uid bits are kept); keep such images regular")
     store.publish_layer(layer_dir(key), lambda: saved.open_layer(n), markers, origin,
                         f"sha256:{h}")
     _progress(f"layer {n + 1}/{len(diff_ids)} {key[:12]}: published {len(names)} entries, "

@@ -14,7 +14,7 @@ import tarfile
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from .. import archive, thin
 from ..errors import UnsafeLayerError
@@ -108,11 +108,22 @@ def _member(tf: tarfile.TarFile, name: str) -> IO[bytes]:
     return f
 
 
-def scan_layer(stream: IO[bytes]) -> Tuple[str, List[List[str]], int]:
-    """sha256 of a layer tar, its entry names (split into components) and its size, in
-    one pass."""
+# The PAX record of a file capability (security.capability) in a layer tar.
+CAPABILITY_RECORD = "SCHILY.xattr.security.capability"
+
+
+class LayerScan(NamedTuple):
+    digest: str  # sha256 of the tar
+    names: List[List[str]]  # entry names, split into components
+    size: int
+    capabilities: List[str]  # entries that carry file capabilities
+
+
+def scan_layer(stream: IO[bytes]) -> LayerScan:
+    """What the publisher needs of a layer tar, in one pass."""
     hasher = hashlib.sha256()
     names: List[List[str]] = []
+    capabilities: List[str] = []
     size = 0
 
     class Tee(io.RawIOBase):
@@ -134,9 +145,11 @@ def scan_layer(stream: IO[bytes]) -> Tuple[str, List[List[str]], int]:
                 names.append(archive.split_member_name(m.name))
             except UnsafeLayerError as e:
                 raise PublishError(f"the image has an unsafe layer: {e}") from None
+            if CAPABILITY_RECORD in m.pax_headers:
+                capabilities.append("/".join(names[-1]))
     while reader.read(1 << 20):
         pass
-    return hasher.hexdigest(), names, size
+    return LayerScan(hasher.hexdigest(), names, size, capabilities)
 
 
 # What Docker and containerd put in the environment of an image that sets none; a thin
