@@ -40,7 +40,7 @@ start() {
   # that host-wide directory for volume plugins whenever a container gets a volume, and
   # a stale socket left there by someone else's test would hang it.
   mkdir -p /run/docker/plugins
-  setsid unshare --mount --propagation private sh -c \
+  setsid unshare --mount --propagation slave sh -c \
     'mount -t tmpfs -o mode=0755,size=1m molecule-dockerd-plugins /run/docker/plugins && exec "$0" "$@"' \
     dockerd --data-root "$DIR/root" --exec-root "$DIR/exec" -H "$DOCKER_HOST" \
     --pidfile "$PIDFILE" --storage-driver overlay2 \
