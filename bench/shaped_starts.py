@@ -270,7 +270,7 @@ Alias /cvmfs/{REPO} /srv/cvmfs/{REPO}
             return int(f.read())
 
     def down(self) -> None:
-        for name, p in self.procs.items():
+        for p in self.procs.values():
             if p.poll() is None:
                 p.terminate()
                 try:
@@ -625,7 +625,8 @@ def cold_and_warm(node: Node, image: Dict, cmd: List[str]) -> Dict:
     got = meter.read()
     cache = cache_bytes() if node.variant in ("thin", "lazy") else {}
     warm = [timed(node.run_argv(image, cmd))[0] for _ in range(3)]
-    return {"pull_s": pull, "run_first_s": first, "cold_s": pull + first, "cold_exit_s": pull + end,
+    return {"pull_s": pull, "run_first_s": first, "cold_s": pull + first,
+            "cold_exit_s": pull + end, "load1": os.getloadavg()[0],
             "output": line, "warm_s": statistics.median(warm), "warm_runs_s": warm,
             "cvmfs_cache_bytes": cache.get("data", 0) + cache.get("catalogs", 0),
             "cvmfs_cache_data_bytes": cache.get("data", 0),
@@ -655,8 +656,9 @@ def concurrent(node: Node, image: Dict, cmd: List[str], n: int) -> Dict:
         raise RuntimeError(f"{len(errors)} of {n} concurrent starts failed: {errors[0]}")
     firsts = [r[0] for r in results if r]
     got = meter.read()
-    return {"pull_s": pull, "all_first_s": max(firsts), "median_first_s": statistics.median(firsts),
-            "total_s": pull + max(firsts), **got}
+    return {"pull_s": pull, "all_first_s": max(firsts),
+            "median_first_s": statistics.median(firsts), "total_s": pull + max(firsts),
+            "load1": os.getloadavg()[0], **got}
 
 
 # ---------------------------------------------------------------------------- report
@@ -685,7 +687,7 @@ def summarize(raw: Dict, images: Dict) -> Dict:
                     100 * s["cvmfs_cache_data_bytes"]["median"] / img["uncompressed_bytes"], 2)
                 out.setdefault(rate, {}).setdefault(name, {})[v] = s
             vs = out[rate][name]
-            for v, s in vs.items():
+            for s in vs.values():
                 s["cold_vs_full"] = round(s["cold_s"]["median"] / vs["full"]["cold_s"]["median"], 3)
                 s["warm_vs_full"] = round(s["warm_s"]["median"] / vs["full"]["warm_s"]["median"], 3)
                 if "full-ctrd" in vs:
@@ -701,7 +703,7 @@ def summarize(raw: Dict, images: Dict) -> Dict:
                                             ("total_s", "pull_s", "all_first_s",
                                              "median_first_s", "link_rx")}
         vs = conc[rate]
-        for v, s in vs.items():
+        for s in vs.values():
             s["total_vs_full"] = round(s["total_s"]["median"] / vs["full"]["total_s"]["median"], 3)
     return {"cold_warm": out, "concurrent": conc}
 
@@ -734,9 +736,11 @@ def markdown(doc: Dict) -> str:
     ]
     for c in doc["shaping_check"]:
         lines.append(f"| {c['rate']} | {c['seconds_100MB']:.2f} s | {c['mbit_s']} Mbit/s | "
-                     f"{c['request_rtt_ms_median']} ms | {c['first_request_new_connection_ms']} ms |")
+                     f"{c['request_rtt_ms_median']} ms | "
+                     f"{c['first_request_new_connection_ms']} ms |")
     lines += ["", "Images:", "", "| image | runs | layers | compressed (registry) | "
-              "uncompressed | files | thin image |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+              "uncompressed | files | thin image |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, img in images.items():
         lines.append(f"| {name} | {IMAGES[name]['what']} | {img['layers']} | "
                      f"{mb(img['compressed_bytes'])} MB | {mb(img['uncompressed_bytes'])} MB | "
@@ -777,8 +781,9 @@ def markdown(doc: Dict) -> str:
                 t = r["total_s"]
                 lines.append(f"| {rate} | {names[v]} | {t['median']:.2f} s ({t['min']:.2f}–"
                              f"{t['max']:.2f}) | {r['pull_s']['median']:.2f} s | "
-                             f"{r['all_first_s']['median']:.2f} / {r['median_first_s']['median']:.2f} s"
-                             f" | {r['total_vs_full']:.3f} | {mb(r['link_rx']['median'])} |")
+                             f"{r['all_first_s']['median']:.2f} / "
+                             f"{r['median_first_s']['median']:.2f} s | "
+                             f"{r['total_vs_full']:.3f} | {mb(r['link_rx']['median'])} |")
     lines += ["", "Columns: MB over the link = bytes the worker's veth received during pull + "
               "first run (stratum 0 and registry, TCP/IP headers included; the CVMFS "
               "mount's own manifest and root catalog, fetched before the clock starts, are "
@@ -951,7 +956,17 @@ def main() -> int:
     ap.add_argument("--concurrent", type=int, default=10, help="cold starts at once (0: skip)")
     ap.add_argument("--check-only", action="store_true", help="only the shaping check")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw the plots and shaped.md from bench/results/shaped.json")
     args = ap.parse_args()
+    if args.replot:
+        with open(os.path.join(RESULTS, "shaped.json")) as f:
+            doc = json.load(f)
+        with open(os.path.join(RESULTS, "shaped.md"), "w") as f:
+            f.write(markdown(doc))
+        for p in plots(doc):
+            log(f"wrote {p}")
+        return 0
     if args.quick:
         args.rounds, args.rates = 1, "100mbit"
     rates = args.rates.split(",")
@@ -1019,8 +1034,9 @@ def main() -> int:
                             v, []).append(res)
                         log(f"{rate} round {r + 1} {name} {v}: cold {res['cold_s']:.2f} s "
                             f"(pull {res['pull_s']:.2f}), warm {res['warm_s']:.3f} s, "
-                            f"link {res['link_rx'] / 1e6:.1f} MB, cvmfs {res['cvmfs_http'] / 1e6:.1f}"
-                            f" MB, registry {res['registry_blobs'] / 1e6:.1f} MB, "
+                            f"link {res['link_rx'] / 1e6:.1f} MB, "
+                            f"cvmfs {res['cvmfs_http'] / 1e6:.1f} MB, "
+                            f"registry {res['registry_blobs'] / 1e6:.1f} MB, "
                             f"cache {res['cvmfs_cache_data_bytes'] / 1e6:.1f} MB data + "
                             f"{res['cvmfs_cache_catalog_bytes'] / 1e6:.1f} MB catalogs; "
                             f"{res['output']!r}")
