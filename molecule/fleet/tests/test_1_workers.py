@@ -118,7 +118,8 @@ def test_thin_image_runs_and_downloads_nothing_of_the_source(host):
     assert after > before, f"the CVMFS client fetched nothing ({before} -> {after} downloads)"
     stat = run_ok(host, "cvmfs_config", "stat", "-v", REPO)
     print(stat)
-    assert "Connection: " in stat and "via http://127.0.0.1" in stat, stat
+    squid = fleet_vars(host)["fleet_squid_port"]
+    assert f"through proxy http://127.0.0.1:{squid} (online)" in stat, stat
 
     rows = dict(json.loads(run_ok(host, "docker", "info", "--format", "{{json .DriverStatus}}")))
     assert rows["Repository " + REPO].startswith("1 thin layers"), rows
