@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Tests of the provisioning side: the collection's unit tests, yamllint, ansible-lint
 # (production profile), the collection build, and `molecule test` of the default
-# (graph-driver plugin, Debian 12) and snapshotter (containerd store, Debian 13) scenarios
-# on a private dockerd (scripts/molecule-dockerd.sh, started here and stopped afterwards
+# (graph-driver plugin, Debian 12), snapshotter (containerd store, Debian 13) and fleet
+# (a stratum 0 and two workers with the real CVMFS client) scenarios on a private dockerd
+# (scripts/molecule-dockerd.sh, started here and stopped afterwards
 # when this script started it). Needs root. scripts/test.sh runs it after the driver
 # tests; run it alone after scripts/setup.sh for the Ansible side only.
 set -euo pipefail
@@ -72,6 +73,17 @@ mkdir -p .cache/node13-apt-archives
 start=$(date +%s)
 molecule test -s snapshotter
 echo "molecule test -s snapshotter took $(( $(date +%s) - start )) s"
+done_stage
+
+stage "molecule test (fleet scenario: a stratum 0 + squid publisher and two Debian 12 workers with the real CVMFS client, rolling converge)"
+# The fleet needs a real CVMFS (client and cvmfs-server): the source scripts/cvmfs.sh
+# decides for the driver's tests (prepare.yml refuses none).
+export CVMFS_DEBS=${CVMFS_DEBS:-$(cd .. && pwd)/shared/cvmfs}
+FLEET_CVMFS_SOURCE=$(bash scripts/cvmfs.sh source)
+export FLEET_CVMFS_SOURCE
+start=$(date +%s)
+molecule test -s fleet
+echo "molecule test -s fleet took $(( $(date +%s) - start )) s"
 done_stage
 
 echo
