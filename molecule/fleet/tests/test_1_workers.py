@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import urllib.request
 
 from conftest import EPHEMERAL, REPO, images, run_ok
@@ -123,3 +125,46 @@ def test_thin_image_runs_and_downloads_nothing_of_the_source(host):
 
     rows = dict(json.loads(run_ok(host, "docker", "info", "--format", "{{json .DriverStatus}}")))
     assert rows["Repository " + REPO].startswith("1 thin layers"), rows
+
+
+ROLE_PLAY = """\
+- name: CVMFS client role only
+  hosts: {host}
+  become: true
+  roles:
+    - cvmfs_graphdriver.provisioning.cvmfs_client
+"""
+
+
+def test_a_repository_that_cannot_be_mounted_fails_the_play_by_name(host, tmp_path, pytestconfig):
+    """The role on the first worker with one more repository, which the stratum 0 does
+    not have: the play fails, naming it and what to check; then the node is put back."""
+    v = fleet_vars(host)
+    name = v["inventory_hostname"]
+    if name != sorted(v["groups"]["workers"])[0]:
+        return  # once is enough
+    project = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 3))
+    playbook = tmp_path / "cvmfs_client.yml"
+    playbook.write_text(ROLE_PLAY.format(host=name))
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=os.path.join(project, "roles"),
+               ANSIBLE_COLLECTIONS_PATH=os.path.join(project, "collections"),
+               ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    argv = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"),
+            "-i", pytestconfig.getoption("ansible_inventory"), str(playbook)]
+    missing = "missing.fleet.example.org"
+    try:
+        result = subprocess.run(
+            [*argv, "-e", json.dumps({"cvmfs_client_repositories": [REPO, missing]})],
+            env=env, capture_output=True, text=True, timeout=600)
+        out = result.stdout + result.stderr
+        assert result.returncode != 0, out
+        assert f"CernVM-FS cannot mount {missing} at /cvmfs/{missing} on {name}" in out, out
+        assert "cvmfs_config showconfig " + missing in out, out
+        # the repository that works stays mounted
+        assert run_ok(host, "findmnt", "-n", "-o", "FSTYPE", f"/cvmfs/{REPO}").strip() == "fuse"
+    finally:
+        run_ok(host, "sed", "-i", f"/^{missing} /d", "/etc/fstab")
+        run_ok(host, "rm", "-rf", f"/cvmfs/{missing}")
+        restore = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        assert restore.returncode == 0, restore.stdout + restore.stderr
+    assert f"{missing}" not in host.file("/etc/cvmfs/default.local").content_string
