@@ -6,9 +6,13 @@
 #      the cvmfs-graphdriver daemon (wheel built here, socket-activated), Docker 20.10 on
 #      the `cvmfs` storage driver;
 #   3. playbooks/verify.yml health-checks it and runs a regular (busybox) image;
-#   4. a thin image: cvmfs-thin publishes a two-layer image into a local layer store
-#      (here, the publisher side); the node gets the store at /cvmfs/thin.example.org
-#      (where its CVMFS client would mount the repository) and runs the thin image;
+#   4. a thin image: cvmfs-thin publishes a two-layer image into the repository
+#      thin.example.org on a CernVM-FS stratum 0 on this machine (scripts/cvmfs.sh: the
+#      packages from ../shared/cvmfs where CERN's repository is unreachable); site.yml
+#      gave the node a real CVMFS client of it, which fetches the files the thin image's
+#      container reads. Where no CernVM-FS can be installed (scripts/cvmfs.sh source says
+#      none) the demo says so loudly and copies the published tree to the node's
+#      /cvmfs/thin.example.org instead;
 #   and prints what happened. The node is removed at the end unless --keep is given.
 #
 #   bash scripts/demo.sh [--keep]
@@ -25,6 +29,9 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
+REPO=thin.example.org
+THIN=$REPO/sample:1
+CVMFS_FROM=$(bash scripts/cvmfs.sh source)
 
 say "private dockerd for the worker node"
 started_dockerd=
@@ -58,7 +65,7 @@ docker run -d --name "$NODE" --hostname "$NODE" "${caps[@]/#/--cap-add=}" \
   --security-opt systempaths=unconfined \
   --cgroupns=host -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
   --tmpfs /run --tmpfs /run/lock --tmpfs /tmp \
-  -v /var/lib/docker -v /cvmfs \
+  -v /var/lib/docker -v /cvmfs -v /var/lib/cvmfs --device /dev/fuse \
   -v "$PWD/.cache/node-apt-archives:/var/cache/apt/archives" \
   --network host "$IMAGE" >/dev/null
 state=
@@ -70,27 +77,56 @@ done
 echo "systemd in $NODE: ${state:-not answering}"
 [[ $state == running || $state == degraded ]] || { docker logs "$NODE" | tail -20; exit 1; }
 
-cat >"$WORK/inventory.yml" <<INVENTORY
-# Written by scripts/demo.sh: the local worker node, reached with docker exec.
-all:
-  children:
-    workers:
-      hosts:
-        $NODE:
-          ansible_connection: community.docker.docker
-      vars:
-        # CERN's package repositories are unreachable here: configuration only.
-        cvmfs_client_package_source: none
-        cvmfs_client_repositories: [thin.example.org]
-        # The node shares this machine's network namespace: no docker0, no iptables.
-        docker_engine_bridge: none
-        docker_engine_iptables: false
-        # Thin images from the repository the sample is published into.
-        graphdriver_cvmfs_root: /cvmfs
-        graphdriver_repositories: [thin.example.org]
-        verify_image: busybox:demo
-        verify_pull: false
-INVENTORY
+if [[ $CVMFS_FROM != none ]]; then
+  say "the repository's stratum 0 on this machine, and the sample thin image published into it"
+  bash scripts/cvmfs.sh stratum0 "$REPO"
+  SAMPLE_STORE=cvmfs bash scripts/sample-thin-image.sh "$WORK/thin" "$REPO" "$THIN"
+fi
+
+# The node's inventory (JSON is YAML): the real client from the source scripts/cvmfs.sh
+# decided, reading the stratum 0 on 127.0.0.1 (the node shares this machine's network).
+python3 - "$NODE" "$REPO" "$CVMFS_FROM" >"$WORK/inventory.yml" <<'PY'
+import glob, json, os, sys
+node, repo, source = sys.argv[1:]
+workers = {
+    "cvmfs_client_repositories": [repo],
+    # The node shares this machine's network namespace: no docker0, no iptables.
+    "docker_engine_bridge": "none",
+    "docker_engine_iptables": False,
+    # Thin images from the repository the sample is published into.
+    "graphdriver_cvmfs_root": "/cvmfs",
+    "graphdriver_repositories": [repo],
+    "verify_image": "busybox:demo",
+    "verify_pull": False,
+}
+if source == "none":
+    workers["cvmfs_client_package_source"] = "none"  # configuration only
+else:
+    debs = os.environ.get("CVMFS_DEBS") or os.path.join(os.path.dirname(os.getcwd()), "shared/cvmfs")
+    files = [f for pat in ("cvmfs-config-none_*", "cvmfs-libs_*", "cvmfs_*", "cvmfs-fuse3_*")
+             for f in sorted(glob.glob(os.path.join(debs, pat + ".deb")))]
+    with open(f"/etc/cvmfs/keys/{repo}.pub") as f:
+        key = f.read()
+    workers.update({
+        "cvmfs_client_package_source": source,
+        "cvmfs_client_package_files": files,
+        "cvmfs_client_autofs": False,  # no autofs in the node: mounted through /etc/fstab
+        "cvmfs_client_http_proxies": ["DIRECT"],  # one node; a site has squids
+        "cvmfs_client_params": {"CVMFS_USE_GEOAPI": "no", "CVMFS_NFILES": "16384"},
+        "cvmfs_client_domains": [{
+            "domain": repo.split(".", 1)[1],
+            "server_urls": ["http://127.0.0.1/cvmfs/@fqrn@"],
+            "public_keys": [{"name": f"{repo}.pub", "content": key}],
+        }],
+        # A repository of image layers: files keep the image's owners.
+        "cvmfs_client_repository_configs": [
+            {"repository": repo, "params": {"CVMFS_CLAIM_OWNERSHIP": "no"}}],
+    })
+print("# Written by scripts/demo.sh: the local worker node, reached with docker exec.")
+print(json.dumps({"all": {"children": {"workers": {
+    "hosts": {node: {"ansible_connection": "community.docker.docker"}},
+    "vars": workers}}}}, indent=2))
+PY
 
 say "ansible-playbook site.yml (provision the worker node)"
 start=$(date +%s)
@@ -107,17 +143,32 @@ rm -rf "$tmp"
 say "playbooks/verify.yml (health check and a test container)"
 ansible-playbook -i "$WORK/inventory.yml" playbooks/verify.yml | tee "$WORK/verify.log"
 
-say "a thin image: cvmfs-thin convert on this machine (the publisher), run on the node"
-THIN=thin.example.org/sample:1
-bash scripts/sample-thin-image.sh "$WORK/thin" thin.example.org "$THIN"
-# CVMFS cannot be installed here: the node gets the published tree where the client
-# would mount the repository.
-docker exec "$NODE" mkdir -p /cvmfs/thin.example.org
-docker exec -i "$NODE" tar -C /cvmfs/thin.example.org -x <"$WORK/thin/repository.tar"
+say "the thin image on the node"
+if [[ $CVMFS_FROM == none ]]; then
+  echo "NO REAL CERNVM-FS here (scripts/cvmfs.sh source: none): the published tree is copied" >&2
+  echo "to the node's /cvmfs/$REPO, standing in for its CVMFS client" >&2
+  bash scripts/sample-thin-image.sh "$WORK/thin" "$REPO" "$THIN"
+  docker exec "$NODE" mkdir -p "/cvmfs/$REPO"
+  docker exec -i "$NODE" tar -C "/cvmfs/$REPO" -x <"$WORK/thin/repository.tar"
+fi
 docker exec -i "$NODE" docker load <"$WORK/thin/thin-image.tar"
 thin_bytes=$(docker exec "$NODE" docker image inspect --format '{{.Size}}' "$THIN")
 thin_out=$(docker exec "$NODE" docker run --rm --network none "$THIN" sh -c \
   'cat /etc/sample/base.txt /etc/sample/top.txt; echo "ls /etc/sample:" $(ls /etc/sample)')
+
+cvmfs_summary() {
+  if [[ $CVMFS_FROM == none ]]; then
+    echo "CernVM-FS:        none installable here: a copied tree stood in for the client"
+    return
+  fi
+  local rx n
+  rx=$(docker exec "$NODE" cvmfs_talk -i "$REPO" internal affairs 2>/dev/null \
+    | sed -n 's/^download\.sz_transferred_bytes|\([0-9]*\)|.*/\1/p' | head -1)
+  n=$(docker exec "$NODE" cvmfs_talk -i "$REPO" internal affairs 2>/dev/null \
+    | sed -n 's/^download\.n_requests|\([0-9]*\)|.*/\1/p' | head -1)
+  echo "CernVM-FS:        $(docker exec "$NODE" cvmfs2 --version 2>&1 | head -1) client ($CVMFS_FROM), $REPO from the stratum 0 on 127.0.0.1:"
+  echo "                  ${n:-?} downloads, ${rx:-?} bytes fetched in all"
+}
 
 say "what happened"
 run_out=$(docker exec "$NODE" docker run --rm --network none busybox:demo \
@@ -135,6 +186,7 @@ $(sed 's/^/                  /' <<<"$run_out")
 thin image:       $THIN, ${thin_bytes} bytes on the node; layers read from /cvmfs/thin.example.org ->
 $(sed 's/^/                  /' <<<"$thin_out")
 repositories:     $(docker exec "$NODE" docker info --format '{{range .DriverStatus}}{{if eq (index . 0) "Repository thin.example.org"}}{{index . 1}}{{end}}{{end}}')
+$(cvmfs_summary)
 SUMMARY
 if [[ -n $KEEP ]]; then
   echo

@@ -39,9 +39,16 @@ start() {
   # unshare: its own mount namespace with an empty /run/docker/plugins. dockerd scans
   # that host-wide directory for volume plugins whenever a container gets a volume, and
   # a stale socket left there by someone else's test would hang it.
+  # The namespace drops its copies of CernVM-FS mounts (a stratum 0's repositories, test
+  # client mounts): where / is not a shared mount (no systemd as PID 1) the host's later
+  # unmounts would not reach them, and a copy of a stratum 0's FUSE mount keeps its old
+  # cvmfs2 alive: the repository's next remount (every publish) would hang on its lock.
   mkdir -p /run/docker/plugins
+  # shellcheck disable=SC2016  # the awk program is for the inner sh, as written
   setsid unshare --mount --propagation slave sh -c \
-    'mount -t tmpfs -o mode=0755,size=1m molecule-dockerd-plugins /run/docker/plugins && exec "$0" "$@"' \
+    'awk '"'"'$5 ~ /^\/(var\/spool\/cvmfs|cvmfs|var\/tmp\/cgd-cvmfs-)/ {print $5}'"'"' /proc/self/mountinfo \
+       | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+     mount -t tmpfs -o mode=0755,size=1m molecule-dockerd-plugins /run/docker/plugins && exec "$0" "$@"' \
     dockerd --data-root "$DIR/root" --exec-root "$DIR/exec" -H "$DOCKER_HOST" \
     --pidfile "$PIDFILE" --storage-driver overlay2 \
     --bridge=none --iptables=false --ip-masq=false --ip6tables=false \

@@ -15,6 +15,10 @@
 # layers sit where containerd's lazy pulls look for them (the registry's compressed
 # digests): a node pulling HOST:PORT/sample:1 through the snapshotter downloads none of
 # them. OUTDIR/layers.txt then lists those digests.
+#
+# With SAMPLE_STORE=cvmfs the layers go into the real repository REPOSITORY instead
+# (`cvmfs-thin convert --store cvmfs:REPOSITORY`, on its stratum 0: scripts/cvmfs.sh
+# stratum0), and OUTDIR/repository.tar is not made.
 set -euo pipefail
 out=${1:?usage: sample-thin-image.sh OUTDIR [REPOSITORY] [THIN_TAG]}
 repo=${2:-thin.example.org}
@@ -52,6 +56,13 @@ if [[ -n ${SAMPLE_REGISTRY:-} ]]; then
   digests=(--digests registry)
 fi
 
+if [[ ${SAMPLE_STORE:-dir} == cvmfs ]]; then
+  mkdir -p "$out"
+  "$cvmfs_thin" convert "$source_ref" --store "cvmfs:$repo" --tag "$tag" "${digests[@]}"
+  docker save -o "$out/thin-image.tar" "$tag"
+  docker rmi "$tag" sample-thin-source:1 sample-thin-base:1 >/dev/null
+  exit 0
+fi
 rm -rf "$out/store/$repo"
 mkdir -p "$out/store/$repo"
 "$cvmfs_thin" convert "$source_ref" --store "dir:$out/store/$repo" --repo "$repo" \
