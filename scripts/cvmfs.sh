@@ -3,6 +3,7 @@
 # (tests, benchmarks, demo), installs it, and runs a local stratum 0 and client mounts.
 #
 #   cvmfs.sh source                  print the source: repository | files | none
+#   cvmfs.sh debs                    print the directory of the package files
 #   cvmfs.sh install [client|all]    install CVMFS from that source (idempotent)
 #   cvmfs.sh stratum0 REPO...        a stratum 0 on 127.0.0.1 with these repositories
 #   cvmfs.sh mount REPO DIR CACHE    a real client mount of a local repository at DIR
@@ -25,7 +26,13 @@ cd "$(dirname "$0")/.."
 
 CERN_APT_URL=https://cvmrepo.s3.cern.ch/cvmrepo/apt
 CERN_APT_KEY_URL=$CERN_APT_URL/cernvm.gpg
-CVMFS_DEBS=${CVMFS_DEBS:-$(cd .. && pwd)/shared/cvmfs}
+# ../shared/cvmfs from the project root; a clone elsewhere on these machines finds it at
+# /work/shared/cvmfs.
+if [[ -z ${CVMFS_DEBS:-} ]]; then
+  for CVMFS_DEBS in "$(cd .. && pwd)/shared/cvmfs" /work/shared/cvmfs; do
+    [[ -d $CVMFS_DEBS ]] && break
+  done
+fi
 # What the packages need beside their Depends: the server calls modprobe (kmod), serves
 # through apache2, and its scripts use attr, lsof, psmisc, rsync, jq, sqlite3, curl.
 SERVER_EXTRAS=(apache2 kmod attr psmisc lsof rsync jq sqlite3 curl gawk)
@@ -215,6 +222,7 @@ case ${1:-} in
     esac
     echo "$src"
     ;;
+  debs) echo "$CVMFS_DEBS" ;;
   install) install_cvmfs "${2:-all}" ;;
   stratum0) shift; stratum0 "$@" ;;
   mount) mount_client "$2" "$3" "$4" ;;

@@ -32,6 +32,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 REPO=thin.example.org
 THIN=$REPO/sample:1
 CVMFS_FROM=$(bash scripts/cvmfs.sh source)
+CVMFS_DEBS=$(bash scripts/cvmfs.sh debs)
+export CVMFS_DEBS
 
 say "private dockerd for the worker node"
 started_dockerd=
@@ -102,7 +104,7 @@ workers = {
 if source == "none":
     workers["cvmfs_client_package_source"] = "none"  # configuration only
 else:
-    debs = os.environ.get("CVMFS_DEBS") or os.path.join(os.path.dirname(os.getcwd()), "shared/cvmfs")
+    debs = os.environ["CVMFS_DEBS"]  # scripts/cvmfs.sh debs
     files = [f for pat in ("cvmfs-config-none_*", "cvmfs-libs_*", "cvmfs_*", "cvmfs-fuse3_*")
              for f in sorted(glob.glob(os.path.join(debs, pat + ".deb")))]
     with open(f"/etc/cvmfs/keys/{repo}.pub") as f:

@@ -78,7 +78,8 @@ done_stage
 stage "molecule test (fleet scenario: a stratum 0 + squid publisher and two Debian 12 workers with the real CVMFS client, rolling converge)"
 # The fleet needs a real CVMFS (client and cvmfs-server): the source scripts/cvmfs.sh
 # decides for the driver's tests (prepare.yml refuses none).
-export CVMFS_DEBS=${CVMFS_DEBS:-$(cd .. && pwd)/shared/cvmfs}
+CVMFS_DEBS=$(bash scripts/cvmfs.sh debs)
+export CVMFS_DEBS
 FLEET_CVMFS_SOURCE=$(bash scripts/cvmfs.sh source)
 export FLEET_CVMFS_SOURCE
 start=$(date +%s)
