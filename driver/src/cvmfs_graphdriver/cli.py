@@ -41,6 +41,23 @@ def volumes_state_file(socket_path: str) -> str:
     return os.path.join(VOLUMES_STATE_DIR, f"{_socket_key(socket_path)}.json")
 
 
+def _daemon_args(parser: argparse.ArgumentParser, socket_default: str) -> None:
+    """--config, --socket and --log-level, which every daemon command takes."""
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"configuration file (default {DEFAULT_CONFIG_PATH}, optional)")
+    parser.add_argument("--socket", metavar="PATH",
+                        help=f"unix socket to listen on (default {socket_default})")
+    parser.add_argument("--log-level", choices=LOG_LEVELS)
+
+
+def _repository_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """--cvmfs-root and --repositories (the allow-list, for `what`)."""
+    parser.add_argument("--cvmfs-root", metavar="DIR",
+                        help="where CVMFS repositories are mounted (default /cvmfs)")
+    parser.add_argument("--repositories", metavar="REPO[,REPO...]",
+                        help=f"{what} (replaces the configured list)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cvmfs-graphdriver",
@@ -50,20 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the plugin protocol (what systemd runs)")
-    s.add_argument("--config", metavar="FILE",
-                   help=f"configuration file (default {DEFAULT_CONFIG_PATH}, optional)")
-    s.add_argument("--socket", metavar="PATH",
-                   help="unix socket to listen on (default /run/docker/plugins/cvmfs.sock)")
-    s.add_argument("--log-level", choices=LOG_LEVELS)
+    _daemon_args(s, "/run/docker/plugins/cvmfs.sock")
     sync = s.add_mutually_exclusive_group()
     sync.add_argument("--sync-layers", dest="sync_layers", action="store_true", default=None,
                       help="flush each applied layer to disk before reporting it (default)")
     sync.add_argument("--no-sync-layers", dest="sync_layers", action="store_false",
                       help="do not flush applied layers (faster, unsafe on power loss)")
-    s.add_argument("--cvmfs-root", metavar="DIR",
-                   help="where CVMFS repositories are mounted (default /cvmfs)")
-    s.add_argument("--repositories", metavar="REPO[,REPO...]",
-                   help="repositories thin images may use (replaces the configured list)")
+    _repository_args(s, "repositories thin images may use")
     vol = s.add_mutually_exclusive_group()
     vol.add_argument("--volumes", dest="volumes", action="store_true", default=None,
                      help="also serve allowed repositories as read-only Docker volumes "
@@ -72,15 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="serve the graph driver only")
     v = sub.add_parser("volumes", help="serve only the VolumeDriver protocol: allowed "
                        "repositories as read-only Docker volumes (for snapshotter mode)")
-    v.add_argument("--config", metavar="FILE",
-                   help=f"configuration file (default {DEFAULT_CONFIG_PATH}, optional)")
-    v.add_argument("--socket", metavar="PATH",
-                   help="unix socket to listen on (default /run/docker/plugins/cvmfs.sock)")
-    v.add_argument("--log-level", choices=LOG_LEVELS)
-    v.add_argument("--cvmfs-root", metavar="DIR",
-                   help="where CVMFS repositories are mounted (default /cvmfs)")
-    v.add_argument("--repositories", metavar="REPO[,REPO...]",
-                   help="repositories that are volumes (replaces the configured list)")
+    _daemon_args(v, "/run/docker/plugins/cvmfs.sock")
+    _repository_args(v, "repositories that are volumes")
     show = sub.add_parser("show-config", help="print the effective configuration")
     show.add_argument("--config", metavar="FILE", help="configuration file to read")
     _snapshotter_parser(sub)
@@ -150,19 +153,10 @@ SNAPSHOTTER_DEPS_HINT = (
 def _snapshotter_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("snapshotter",
                        help="serve containerd's Snapshots API (a containerd proxy plugin)")
-    s.add_argument("--config", metavar="FILE",
-                   help=f"configuration file (default {DEFAULT_CONFIG_PATH}, optional)")
-    s.add_argument("--socket", metavar="PATH",
-                   help="unix socket to listen on (default "
-                   "/run/cvmfs-graphdriver/snapshotter.sock)")
+    _daemon_args(s, "/run/cvmfs-graphdriver/snapshotter.sock")
     s.add_argument("--home", metavar="DIR",
                    help="where snapshots live (default /var/lib/cvmfs-graphdriver/snapshotter)")
-    s.add_argument("--log-level", choices=LOG_LEVELS)
-    s.add_argument("--cvmfs-root", metavar="DIR",
-                   help="where CVMFS repositories are mounted (default /cvmfs)")
-    s.add_argument("--repositories", metavar="REPO[,REPO...]",
-                   help="repositories remote layers may come from (replaces the configured "
-                   "list)")
+    _repository_args(s, "repositories remote layers may come from")
 
 
 def snapshotter(args: argparse.Namespace) -> int:
