@@ -1,7 +1,9 @@
 """Remote snapshots from CVMFS in the snapshotter (issue 8): lazy pulls of layers
 published in DUCC's layout, thin images, and what a container then sees, through real
-overlay mounts. The "repository" is a local directory tree under a stand-in CVMFS root,
-its layers written as `cvmfs_server ingest` keeps them: whiteouts as plain `.wh.*` files.
+overlay mounts. The repository is the session's `cvmfs` fixture (harness.CvmfsRepos): a
+real CernVM-FS stratum 0 on this machine, read through a real client mount, where
+scripts/cvmfs.sh installed it; its layers are published as DUCC publishes them
+(`cvmfs_server ingest`, which keeps whiteouts as plain `.wh.*` files).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import NamedTuple, Optional
+import tempfile
+from typing import Dict, NamedTuple, Optional
 
 import pytest
 from sntools import mounted, need
@@ -24,7 +27,8 @@ from cvmfs_graphdriver.snapshotter.errdefs import (
 from cvmfs_graphdriver.snapshotter.metastore import KIND_ACTIVE, KIND_COMMITTED
 from cvmfs_graphdriver.snapshotter.overlay import OverlaySnapshotter
 
-REPO = "unpacked.example.org"
+REPO = "test.repo"  # allowed to the snapshotter
+OTHER_REPO = "ducc.repo"  # published too, but not allowed
 REF = remote.TARGET_REF_LABEL
 DIGEST = remote.LAYER_DIGEST_LABEL
 
@@ -48,20 +52,41 @@ class Pulled(NamedTuple):
 
 
 class Repo:
-    """A stand-in repository: <root>/<REPO>/.layers/<xx>/<hex>/layerfs trees."""
+    """The test's layers in a repository of the `cvmfs` fixture, at
+    <root>/<repo>/.layers/<xx>/<hex>/layerfs. `layer()` stages a layer; `publish()`
+    ingests everything staged in one transaction (a publish costs a second or so) and
+    makes the client see it. A layer's digest is made from the test's name and the
+    layer's, so that a rerun republishes the same paths instead of adding new ones."""
 
-    def __init__(self, root: str) -> None:
-        self.root = root
-        os.makedirs(os.path.join(root, REPO), exist_ok=True)
+    def __init__(self, cvmfs, test: str) -> None:
+        self.cvmfs = cvmfs
+        self.root = cvmfs.root
+        self.test = test
+        self.staged: Dict[str, tempfile.TemporaryDirectory] = {}
 
-    def layer(self, name: str, files: dict, recorded: bool = True) -> str:
-        """Publish `files` ({path: content, path ending in / = dir}) with, if `recorded`,
-        its diff ID in .metadata/origin.json (as cvmfs-thin does); return its hex."""
-        h = hexof(name)
-        fs = os.path.join(self.root, REPO, thin.layer_path(h))
-        os.makedirs(fs)
+    def digest(self, name: str) -> str:
+        return hexof(f"{self.test} {name}")
+
+    def path(self, h: str, repo: str = REPO) -> str:
+        """Where the driver reads layer `h`: its layerfs under the client mount."""
+        return os.path.join(self.root, repo, thin.layer_path(h))
+
+    def layer(self, name: str, files: dict, recorded: bool = True, repo: str = REPO,
+              layerfs_link: Optional[str] = None) -> str:
+        """Stage `files` ({path: content, path ending in / = dir}) as a layer with, if
+        `recorded`, its diff ID in .metadata/origin.json (as cvmfs-thin does); return its
+        hex. `layerfs_link`: the layerfs is a symbolic link to there instead."""
+        h = self.digest(name)
+        stage = self.staged.setdefault(repo, tempfile.TemporaryDirectory(prefix="remote-"))
+        top = os.path.join(stage.name, os.path.dirname(thin.layer_path(h)))
+        fs = os.path.join(top, "layerfs")
+        if layerfs_link is not None:
+            os.makedirs(top)
+            os.symlink(layerfs_link, fs)
+        else:
+            os.makedirs(fs)
         if recorded:
-            meta = os.path.join(os.path.dirname(fs), thin.METADATA_DIR)
+            meta = os.path.join(top, thin.METADATA_DIR)
             os.makedirs(meta)
             with open(os.path.join(meta, thin.ORIGIN_FILE), "w") as f:
                 json.dump({"origin": "test", "diff_id": diff_of(name)}, f)
@@ -75,11 +100,21 @@ class Repo:
                 f.write(content)
         return h
 
+    def publish(self) -> None:
+        for repo, stage in self.staged.items():
+            self.cvmfs.put_tree(repo, thin.LAYERS_DIR, os.path.join(stage.name,
+                                                                     thin.LAYERS_DIR))
+            stage.cleanup()
+        self.staged.clear()
+
+    def unpublish(self, h: str) -> None:
+        self.cvmfs.delete(REPO, os.path.dirname(thin.layer_path(h)))
+
 
 @pytest.fixture
-def env(tmp_path):
+def env(cvmfs, tmp_path, request):
     need(os.geteuid() == 0, "needs root (overlay mounts)")
-    repo = Repo(str(tmp_path / "cvmfs"))
+    repo = Repo(cvmfs, request.node.name)
     sn = OverlaySnapshotter(str(tmp_path / "home"), sync_commits=False)
     remote.install(sn, repo.root, [REPO])
     yield sn, repo, tmp_path
@@ -112,6 +147,7 @@ def listing(root: str) -> list:
 def test_a_published_layer_is_committed_remote_and_found_as_containerd_looks(env):
     sn, repo, tmp = env
     h = repo.layer("base", {"bin/sh": "shell", "etc/passwd": "root"})
+    repo.publish()
     pulled = lazy(sn, "base", h)
     ref = pulled.ref
     assert ref == diff_of("base")  # a bottom layer's chain ID is its diff ID
@@ -125,8 +161,7 @@ def test_a_published_layer_is_committed_remote_and_found_as_containerd_looks(env
             assert f.read() == "root"
         with open(f"{m}/new", "w") as f:
             f.write("written in the container")
-    layerfs = os.path.join(repo.root, REPO, thin.layer_path(h))
-    assert sorted(os.listdir(layerfs)) == ["bin", "etc"]  # the repository is never written
+    assert sorted(os.listdir(repo.path(h))) == ["bin", "etc"]  # the repository is never written
     # pulling again: the same answer, nothing new
     lazy(sn, "base", h)
     assert sorted(i.name for i in sn.walk()) == ["container", ref]
@@ -142,6 +177,7 @@ def test_whiteouts_in_published_layers_are_honoured_and_hidden(env):
     top = repo.layer("l2", {"etc/.wh.motd": "", ".wh.gone-dir": "", "data/old/.wh..wh..opq": "",
                             "data/old/f2": "2", "added": "a", ".cvmfscatalog": "",
                             "data/.cvmfscatalog": ""})
+    repo.publish()
     r1 = lazy(sn, "l1", base)
     r2 = lazy(sn, "l2", top, parent=r1)
     with mounted(sn.prepare("c", r2.name), str(tmp / "m")) as m:
@@ -154,6 +190,8 @@ def test_whiteouts_in_published_layers_are_honoured_and_hidden(env):
 def test_a_regular_layer_on_a_remote_one_and_the_reverse(env):
     sn, repo, tmp = env
     base = repo.layer("b", {"a": "from cvmfs", "b": "from cvmfs"})
+    top = repo.layer("t", {"d": "from cvmfs", ".wh.b": ""})
+    repo.publish()
     r1 = lazy(sn, "b", base)
     # containerd downloads the next layer (not published) and applies it itself
     missing = hexof("not published")
@@ -165,7 +203,6 @@ def test_a_regular_layer_on_a_remote_one_and_the_reverse(env):
     regular = Pulled(f"default/7/{chain('2')}", chain("2"))  # as containerd names it
     sn.commit(regular.name, "extract-2")
     # a published layer above a downloaded one is remote again
-    top = repo.layer("t", {"d": "from cvmfs", ".wh.b": ""})
     r3 = lazy(sn, "t", top, parent=regular)
     with mounted(sn.prepare("c", r3.name), str(tmp / "c")) as m:
         assert listing(m) == ["c", "d"]
@@ -179,10 +216,11 @@ def test_digest_of_the_wrong_form_is_refused_and_nothing_changes(env):
     assert sn.walk() == []
 
 
-def test_without_repositories_or_labels_prepare_is_ordinary(tmp_path):
+def test_without_repositories_or_labels_prepare_is_ordinary(cvmfs, tmp_path, request):
     need(os.geteuid() == 0, "needs root")
-    repo = Repo(str(tmp_path / "cvmfs"))
+    repo = Repo(cvmfs, request.node.name)
     h = repo.layer("base", {"f": "x"})
+    repo.publish()
     sn = OverlaySnapshotter(str(tmp_path / "home"), sync_commits=False)
     remote.install(sn, repo.root, [])  # nothing allowed
     try:
@@ -192,23 +230,23 @@ def test_without_repositories_or_labels_prepare_is_ordinary(tmp_path):
         sn.close()
 
 
-def test_a_layer_in_a_repository_not_allowed_is_downloaded(env, tmp_path):
+def test_a_layer_in_a_repository_not_allowed_is_downloaded(env):
     sn, repo, _ = env
-    other = os.path.join(repo.root, "other.example.org", thin.layer_path(hexof("o")))
-    os.makedirs(other)
-    sn.prepare("k", "", {REF: chain("o"), DIGEST: f"sha256:{hexof('o')}"})
+    h = repo.layer("o", {"f": "x"}, repo=OTHER_REPO)
+    repo.publish()
+    assert os.path.isdir(repo.path(h, OTHER_REPO))
+    sn.prepare("k", "", {REF: diff_of("o"), DIGEST: f"sha256:{h}"})
     assert sn.stat("k").kind == KIND_ACTIVE
 
 
 def test_a_layerfs_that_escapes_its_repository_is_not_used(env):
-    sn, repo, _ = env
-    h = hexof("escape")
-    outside = os.path.join(repo.root, "outside")
-    os.makedirs(outside)
-    link = os.path.join(repo.root, REPO, thin.layer_path(h))
-    os.makedirs(os.path.dirname(link))
-    os.symlink(outside, link)
-    sn.prepare("k", "", {REF: chain("e"), DIGEST: f"sha256:{h}"})
+    sn, repo, tmp = env
+    outside = tmp / "outside"  # a directory of the host, outside every repository
+    outside.mkdir()
+    h = repo.layer("escape", {}, layerfs_link=str(outside))
+    repo.publish()
+    assert os.path.islink(repo.path(h)) and os.path.isdir(repo.path(h))
+    sn.prepare("k", "", {REF: diff_of("escape"), DIGEST: f"sha256:{h}"})
     assert sn.stat("k").kind == KIND_ACTIVE  # containerd downloads it instead
 
 
@@ -222,6 +260,7 @@ def test_a_thin_image_layer_is_mounted_as_its_cvmfs_layers(env):
     sn, repo, tmp = env
     l1 = repo.layer("t1", {"bin/sh": "shell", "etc/motd": "hi"})
     l2 = repo.layer("t2", {"etc/.wh.motd": "", "app/run": "run"})
+    repo.publish()
     desc = {"version": "1.0", "layers": [
         {"digest": l1, "url": f"cvmfs://{REPO}/{thin.layer_path(l1)}"},
         {"digest": l2, "url": f"cvmfs://{REPO}/{thin.layer_path(l2)}"}]}
@@ -247,13 +286,14 @@ def test_a_thin_layer_naming_what_is_not_allowed_is_refused_and_stays_active(env
 def test_a_layer_gone_from_the_repository_fails_the_mount_clearly(env):
     sn, repo, _ = env
     h = repo.layer("vanishing", {"f": "x"})
+    repo.publish()
     ref = lazy(sn, "vanishing", h).name
-    layerfs = os.path.join(repo.root, REPO, thin.layer_path(h))
-    os.rename(layerfs, layerfs + ".away")
+    repo.unpublish(h)  # a new revision of the repository without it
     with pytest.raises(FailedPrecondition, match="is missing"):
         sn.prepare("c", ref)
     assert "c" not in [i.name for i in sn.walk()]
-    os.rename(layerfs + ".away", layerfs)
+    assert repo.layer("vanishing", {"f": "x"}) == h
+    repo.publish()
     sn.prepare("c", ref)
 
 
@@ -263,10 +303,14 @@ def test_a_deep_stack_mounts_though_its_paths_exceed_a_page(env):
     the lowerdirs relative to their common directory (compact_lowerdir, as its
     mount_linux.go); the snapshotter's short links in <home>/l make that possible."""
     sn, repo, tmp = env
-    pulled: Optional[Pulled] = None
+    layers = []
     for i in range(40):
         files = {f"f{i:02}": str(i), f".wh.f{i - 1:02}" if i else "base": ""}
-        pulled = lazy(sn, f"deep{i}", repo.layer(f"deep{i}", files), parent=pulled)
+        layers.append(repo.layer(f"deep{i}", files))
+    repo.publish()
+    pulled: Optional[Pulled] = None
+    for i, h in enumerate(layers):
+        pulled = lazy(sn, f"deep{i}", h, parent=pulled)
     assert pulled is not None
     mounts = sn.prepare("c", pulled.name)
     lowerdir = next(o for o in mounts[0].options if o.startswith("lowerdir="))
@@ -284,13 +328,15 @@ def test_a_published_layer_is_not_served_for_another_chain(env):
     get the published layer."""
     sn, repo, _ = env
     h = repo.layer("real", {"f": "x"})
+    b = repo.layer("base", {"b": ""})
+    top = repo.layer("top", {"t": ""})
+    repo.publish()
     victim = thin.chain_id(None, diff_of("another layer"))
     sn.prepare("k", "", {REF: victim, DIGEST: f"sha256:{h}"})
     assert sn.stat("k").kind == KIND_ACTIVE  # prepared as usual: containerd downloads
     assert victim not in [i.name for i in sn.walk()]
     # on a parent, the chain must be the parent's chain and the layer's diff ID
-    base = lazy(sn, "base", repo.layer("base", {"b": ""}))
-    top = repo.layer("top", {"t": ""})
+    base = lazy(sn, "base", b)
     wrong = thin.chain_id(chain("some other parent"), diff_of("top"))
     sn.prepare("k2", base.name, {REF: wrong, DIGEST: f"sha256:{top}"})
     assert sn.stat("k2").kind == KIND_ACTIVE
@@ -300,6 +346,7 @@ def test_a_published_layer_is_not_served_for_another_chain(env):
 def test_a_layer_without_a_recorded_diff_id_is_downloaded_unless_trusted(env, tmp_path):
     sn, repo, _ = env
     h = repo.layer("ducc", {"f": "x"}, recorded=False)  # as DUCC publishes
+    repo.publish()
     sn.prepare("k", "", {REF: diff_of("ducc"), DIGEST: f"sha256:{h}"})
     assert sn.stat("k").kind == KIND_ACTIVE
     trusting = OverlaySnapshotter(str(tmp_path / "home2"), sync_commits=False)
@@ -315,6 +362,7 @@ def test_the_same_chain_on_another_parent_gets_its_own_snapshot(env):
     parents with one chain ID): each gets its own remote snapshot on its own parent."""
     sn, repo, tmp = env
     top = repo.layer("top", {"t": "cvmfs"})
+    repo.publish()
     parents = []
     for ns in ("ns1", "ns2"):
         with mounted(sn.prepare(f"{ns}/extract", ""), str(tmp / ns)) as m, \
@@ -336,8 +384,10 @@ def test_an_image_holding_one_layer_twice_mounts(env):
     published directory twice in one lowerdir would be refused by overlayfs (ELOOP)."""
     sn, repo, tmp = env
     twice = repo.layer("twice", {"t": "same"})
+    mid = repo.layer("middle", {"m": "m"})
+    repo.publish()
     first = lazy(sn, "twice", twice)
-    middle = lazy(sn, "middle", repo.layer("middle", {"m": "m"}), parent=first)
+    middle = lazy(sn, "middle", mid, parent=first)
     ref = thin.chain_id(middle.ref, diff_of("twice"))
     with pytest.raises(AlreadyExists):
         sn.prepare("again", middle.name, {REF: ref, DIGEST: f"sha256:{twice}"})
@@ -357,6 +407,7 @@ def test_a_repository_that_does_not_answer_does_not_stall_pulls(env, monkeypatch
 
     sn, repo, _ = env
     h = repo.layer("hung", {"f": "x"})
+    repo.publish()
     release = threading.Event()
     real = thin.resolve_layer_dir
 
