@@ -23,30 +23,66 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 SD_LISTEN_FDS_START = 3
+READ_CHUNK = 1 << 20  # the most one read of a request body asks of the connection
 
 
-class ChunkedReader:
-    """A file-like reader of an HTTP/1.1 chunked body."""
+class RequestError(DriverError):
+    """A request the server cannot take as sent (malformed, cut short, too large): answered
+    with the 4xx `status`, its message naming the problem."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Body:
+    """A request body being read. Once it has failed (cut short, malformed) it stays
+    failed: `error` says why, and every later read raises that again without waiting on
+    the connection, whose rest cannot be read."""
 
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
+        self.error: Optional[RequestError] = None
+
+    def _fail(self, message: str, status: int = 400) -> RequestError:
+        self.error = RequestError(message, status)
+        return self.error
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def read(self, n: int = -1) -> bytes:
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        while self.read(READ_CHUNK):
+            pass
+
+
+class ChunkedReader(_Body):
+    """A file-like reader of an HTTP/1.1 chunked body."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        super().__init__(raw)
         self._left = 0
         self._done = False
 
     def _next_chunk(self) -> None:
         line = self._raw.readline(1024)
         if not line:
-            raise DriverError("request body ended before the last chunk (client went away?)")
+            raise self._fail("request body ended before the last chunk (client went away?)")
         try:
             self._left = int(line.split(b";", 1)[0].strip(), 16)
         except ValueError:
-            raise DriverError(f"malformed chunk header {line[:40]!r}") from None
+            raise self._fail(f"malformed chunk header {line[:40]!r}") from None
         if self._left == 0:
             while self._raw.readline(1024) not in (b"\r\n", b"\n", b""):
                 pass  # trailers
             self._done = True
 
     def read(self, n: int = -1) -> bytes:
+        self._check()
         out = bytearray()
         while not self._done and (n < 0 or len(out) < n):
             if self._left == 0:
@@ -55,33 +91,38 @@ class ChunkedReader:
             want = self._left if n < 0 else min(self._left, n - len(out))
             data = self._raw.read(want)
             if not data:
-                raise DriverError("request body ended inside a chunk (client went away?)")
+                raise self._fail("request body ended inside a chunk (client went away?)")
             out += data
             self._left -= len(data)
             if self._left == 0:
                 self._raw.readline(8)  # CRLF after the chunk data
         return bytes(out)
 
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
 
+class LengthReader(_Body):
+    """A body of Content-Length bytes. Fewer is an error, never a shorter body: a client
+    that goes away mid-body must not have what it sent taken as all of it (a layer tar
+    cut at an entry boundary reads as a complete, smaller layer)."""
 
-class LengthReader:
     def __init__(self, raw: IO[bytes], length: int) -> None:
-        self._raw, self._left = raw, length
+        super().__init__(raw)
+        self._length = self._left = length
 
     def read(self, n: int = -1) -> bytes:
+        self._check()
         if self._left <= 0:
             return b""
-        n = self._left if n < 0 else min(n, self._left)
-        data = self._raw.read(n)
-        self._left -= len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
+        want = self._left if n < 0 else min(n, self._left)
+        out = bytearray()
+        while len(out) < want:
+            data = self._raw.read(min(want - len(out), READ_CHUNK))
+            if not data:
+                got = self._length - self._left
+                raise self._fail(f"request body ended after {got} of its {self._length} bytes "
+                                 "(Content-Length): the client went away or sent less")
+            out += data
+            self._left -= len(data)
+        return bytes(out)
 
 
 class ChunkedWriter:
@@ -245,25 +286,38 @@ class Handler(BaseHTTPRequestHandler):
         try:
             result = route(req)
             req.body.drain()
-        except DriverError as e:
-            self._finish_body(req)
-            log.warning("%s failed: %s", method, e)
-            self._error(str(e))
-            return
-        except Exception as e:
-            self._finish_body(req)
-            log.error("%s failed unexpectedly:\n%s", method, traceback.format_exc())
-            self._error(f"{method}: internal error in the cvmfs graph driver: {e!r} "
-                        "(details in the driver's log)", 500)
+        except Exception as e:  # every failure is answered
+            self._failed(method, req, e)
             return
         if callable(result):
             self._stream(method, result)
         else:
             self._json(result)
 
+    def _failed(self, method: str, req: Request, e: Exception) -> None:
+        """Answer a call that failed: a broken request with its 4xx status (a broken body
+        is the problem, whatever the call made of it: its message, from the call, names the
+        layer), a driver error as dockerd expects errors, anything else as a 500."""
+        broken = req.body.error or (e if isinstance(e, RequestError) else None)
+        if broken is not None:
+            status = broken.status
+            message = str(e) if isinstance(e, DriverError) else str(broken)
+            log.warning("%s refused (%d): %s", method, status, message)
+        elif isinstance(e, DriverError):
+            status, message = 200, str(e)
+            log.warning("%s failed: %s", method, message)
+        else:
+            status = 500
+            message = (f"{method}: internal error in the cvmfs graph driver: {e!r} "
+                       "(details in the driver's log)")
+            log.error("%s failed unexpectedly:\n%s", method, traceback.format_exc())
+        self._finish_body(req)
+        self._error(message, status)
+
     def _finish_body(self, req: Request) -> None:
         """Read the rest of a failed call's body: a client still sending it (ApplyDiff)
-        would otherwise get a broken pipe instead of our answer."""
+        would otherwise get a broken pipe instead of our answer. A body that cannot be
+        read to its end leaves the connection unusable: it is closed after the answer."""
         try:
             req.body.drain()
         except Exception:

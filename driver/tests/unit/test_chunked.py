@@ -87,3 +87,32 @@ def test_length_reader_stops_at_content_length():
     assert r.read() == b"456789"
     assert r.read() == b""
     assert stream.read() == b"NEXT"
+
+
+@pytest.mark.parametrize("first", [-1, 4, 10])
+def test_length_reader_body_shorter_than_content_length_is_an_error(first):
+    """A client gone mid-body: what arrived is not the whole body (issue 11, finding 5)."""
+    stream = io.BytesIO(b"0123")
+    r = LengthReader(stream, 10)
+    if first == 4:
+        assert r.read(4) == b"0123"  # what is there is read
+    with pytest.raises(DriverError) as e:
+        r.read(first if first != 4 else 1)
+    assert "ended after 4 of its 10 bytes (Content-Length)" in str(e.value)
+    assert r.error is e.value
+    # it stays failed: draining does not read on (or wait on) the connection again
+    stream.write(b"late")
+    stream.seek(4)
+    with pytest.raises(DriverError):
+        r.drain()
+    assert stream.read() == b"late"
+
+
+def test_chunked_reader_without_the_last_chunk_stays_failed():
+    reader, stream = _reader(b"5\r\nhello\r\n")
+    assert reader.read(5) == b"hello"
+    with pytest.raises(DriverError) as e:
+        reader.read()
+    assert "before the last chunk" in str(e.value) and reader.error is e.value
+    with pytest.raises(DriverError):
+        reader.drain()
