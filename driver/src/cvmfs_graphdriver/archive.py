@@ -7,9 +7,9 @@ absolute names, symlinked parents and hard links to outside cannot escape (they 
 refused). Whiteout markers are handed to a converter (whiteouts).
 
 Layer tars are written as moby's archive package writes them (tarformat), read through
-directory descriptors as well: `write_layer_tar` is overlay2's native Diff
-(TarWithOptions with the overlay whiteout converter), `export_changes` its naive Diff
-(ExportChanges).
+directory descriptors as well (fdtree.DirStack, any depth): `write_layer_tar` is
+overlay2's native Diff (TarWithOptions with the overlay whiteout converter),
+`export_changes` its naive Diff (ExportChanges of what changes.py found).
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ import stat
 import tarfile
 import time
 from dataclasses import dataclass
-from typing import IO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import IO, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import fdtree, tarformat, whiteouts
+from .changes import CHANGE_DELETE, Change
 from .errors import DriverError, UnsafeLayerError
 
 log = logging.getLogger(__name__)
-
-CHANGE_MODIFY, CHANGE_ADD, CHANGE_DELETE = 0, 1, 2
 
 _COPY_CHUNK = 1 << 20
 
@@ -305,57 +304,6 @@ def _set_dir_times(root_fd: int, parts: List[str], times: Tuple[int, int]) -> No
         os.close(fd)
 
 
-# ---------------------------------------------------------------------------- walking
-
-
-def walk(root: str) -> Iterator[Tuple[str, os.stat_result]]:
-    """Yield ("/rel/path", lstat) depth-first in byte order of names, like Go's Walk."""
-    stack: List[Tuple[str, Iterator[str]]] = [("", iter(_sorted_names(root)))]
-    while stack:
-        rel, names = stack[-1]
-        name = next(names, None)
-        if name is None:
-            stack.pop()
-            continue
-        r = f"{rel}/{name}"
-        try:
-            st = os.lstat(root + r)
-        except FileNotFoundError:
-            continue
-        yield r, st
-        if stat.S_ISDIR(st.st_mode):
-            stack.append((r, iter(_sorted_names(root + r))))
-
-
-def _sorted_names(directory: Union[str, int]) -> List[str]:
-    """Names in a directory (a path or an fd) in byte order, as Go's Walk visits them."""
-    try:
-        return sorted(os.listdir(directory), key=os.fsencode)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def directory_size(root: str) -> int:
-    """Bytes of all non-directories, hard links counted once (moby's directory.Size)."""
-    seen = set()
-    total = 0
-    for _, st in walk(root):
-        if stat.S_ISDIR(st.st_mode) or st.st_ino in seen:
-            continue
-        seen.add(st.st_ino)
-        total += st.st_size
-    return total
-
-
-def _getxattr(path: str, name: str) -> Optional[bytes]:
-    try:
-        return os.getxattr(path, name, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
-            return None
-        raise
-
-
 # ---------------------------------------------------------------------------- tar out
 
 
@@ -376,7 +324,7 @@ class _Appender:
             return None  # gone meanwhile (a running container): moby skips it too
         is_dir = stat.S_ISDIR(st.st_mode)
         link = os.fsencode(os.readlink(name, dir_fd=dir_fd)) if stat.S_ISLNK(st.st_mode) else b""
-        cap = _getxattr(fdtree.proc_path(dir_fd, name), tarformat.CAPABILITY_XATTR)
+        cap = fdtree.xattr_at(dir_fd, name, tarformat.CAPABILITY_XATTR)
         h = tarformat.file_header(rel, st, link, cap)
         if h is None:
             log.debug("skipping %s: sockets cannot be stored in a tar", os.fsdecode(rel))
@@ -389,7 +337,7 @@ class _Appender:
                 self.seen[st.st_ino] = rel
         child_fd = None
         if is_dir and (descend or self.overlay):
-            child_fd = os.open(name, fdtree.DIR_FLAGS, dir_fd=dir_fd)
+            child_fd = fdtree.open_dir_at(dir_fd, name, os.fsdecode(rel))
         try:
             extra = None
             if self.overlay:
@@ -426,33 +374,39 @@ class _Appender:
         self.stream.close()
 
 
+def _changed_under_us(where: str) -> str:
+    return (f"{where!r} became a symlink or non-directory while the layer was being "
+            "archived (a running container changed it); try again")
+
+
 def write_layer_tar(out: IO[bytes], root: str) -> None:
     """The tar of a layer's diff dir, whiteouts turned back into markers: overlay2's
     native Diff, moby's TarWithOptions(root, OverlayWhiteoutFormat), byte for byte."""
     app = _Appender(out, overlay=True)
     root_fd = os.open(root, fdtree.DIR_FLAGS)
-    stack: List[Tuple[int, bytes, Iterator[str]]] = [(root_fd, b"", iter(_sorted_names(root_fd)))]
     try:
-        while stack:
-            fd, prefix, names = stack[-1]
-            name = next(names, None)
-            if name is None:
-                os.close(fd)
-                stack.pop()
-                continue
-            rel = prefix + os.fsencode(name)
-            child = app.add(fd, name, rel, descend=True)
-            if child is not None:
-                stack.append((child, rel + b"/", iter(_sorted_names(child))))
+        with fdtree.DirStack(root_fd) as stack:
+            pending: List[Tuple[bytes, Iterator[str]]] = [
+                (b"", iter(fdtree.sorted_names(stack.fd)))]
+            while pending:
+                prefix, names = pending[-1]
+                name = next(names, None)
+                if name is None:
+                    pending.pop()
+                    if pending:
+                        stack.pop()
+                    continue
+                rel = prefix + os.fsencode(name)
+                try:
+                    child = app.add(stack.fd, name, rel, descend=True)
+                except UnsafeLayerError as e:
+                    raise DriverError(_changed_under_us(os.fsdecode(rel))) from e
+                if child is not None:
+                    stack.push(name, child)
+                    pending.append((rel + b"/", iter(fdtree.sorted_names(stack.fd))))
     finally:
-        for fd, _, _ in stack:
-            os.close(fd)
+        os.close(root_fd)
     app.close()
-
-
-def _changed_under_us(where: str) -> str:
-    return (f"{where!r} became a symlink or non-directory while the layer was being "
-            "archived (a running container changed it); try again")
 
 
 def export_changes(out: IO[bytes], root: str, changes: List[Change]) -> None:
@@ -462,167 +416,36 @@ def export_changes(out: IO[bytes], root: str, changes: List[Change]) -> None:
     app = _Appender(out, overlay=False)
     root_fd = os.open(root, fdtree.DIR_FLAGS)
     try:
-        for change in sorted(changes, key=lambda c: os.fsencode(c.path)):
-            if change.kind == CHANGE_DELETE:
-                now = (time.time_ns() + 500_000_000) // 1_000_000_000  # Round(time.Second)
-                app.stream.add(whiteouts.deletion_header(change.path, now))
-                continue
-            parts = change.path.strip("/").split("/")
-            try:
-                pfd = fdtree.open_dirs(root_fd, parts[:-1], create=False,
-                                       refuse=_changed_under_us)
-            except FileNotFoundError:
-                continue  # the container changed under us; moby skips it too
-            except UnsafeLayerError as e:
-                raise DriverError(str(e)) from None
-            try:
-                app.add(pfd, parts[-1], os.fsencode(change.path[1:]), descend=False)
-            finally:
-                os.close(pfd)
+        with fdtree.DirStack(root_fd) as stack:
+            for change in sorted(changes, key=lambda c: os.fsencode(c.path)):
+                if change.kind == CHANGE_DELETE:
+                    now = (time.time_ns() + 500_000_000) // 1_000_000_000  # Round(time.Second)
+                    app.stream.add(whiteouts.deletion_header(change.path, now))
+                    continue
+                parts = change.path.strip("/").split("/")
+                if not _go_to(stack, parts[:-1]):
+                    continue  # the container changed under us; moby skips it too
+                app.add(stack.fd, parts[-1], os.fsencode(change.path[1:]), descend=False)
     finally:
         os.close(root_fd)
     app.close()
 
 
-# ---------------------------------------------------------------------------- changes
-
-
-@dataclass(frozen=True)
-class Change:
-    path: str
-    kind: int
-
-    def to_json(self) -> dict:
-        return {"Path": self.path, "Kind": self.kind}
-
-
-def _same_time(a: int, b: int) -> bool:
-    # Tar has whole seconds: equal, or the same second with one side at .0 exactly.
-    return a == b or (
-        a // 1_000_000_000 == b // 1_000_000_000
-        and (a % 1_000_000_000 == 0 or b % 1_000_000_000 == 0)
-    )
-
-
-@dataclass
-class _Node:
-    st: Optional[os.stat_result]
-    cap: Optional[bytes]
-    children: Dict[str, _Node]
-
-
-def _collect(old_dir: str, new_dir: str) -> Tuple[_Node, _Node]:
-    """Both trees, pruning subtrees that are the same inode on the same device."""
-    old_root = _Node(None, None, {})
-    new_root = _Node(None, None, {})
-
-    def entries(d: Optional[str]) -> Dict[str, int]:
-        if d is None:
-            return {}
-        with os.scandir(d) as it:
-            return {e.name: e.inode() for e in it}
-
-    def rec(rel: str, o: Optional[os.stat_result], n: Optional[os.stat_result],
-            on: _Node, nn: _Node) -> None:
-        o_dir = o is not None and stat.S_ISDIR(o.st_mode)
-        n_dir = n is not None and stat.S_ISDIR(n.st_mode)
-        if not o_dir and not n_dir:
-            return
-        same_dev = o is not None and n is not None and o.st_dev == n.st_dev
-        onames = entries(old_dir + rel if o_dir else None)
-        nnames = entries(new_dir + rel if n_dir else None)
-        for name in sorted(set(onames) | set(nnames), key=os.fsencode):
-            if name in onames and name in nnames and onames[name] == nnames[name] and same_dev:
-                continue
-            crel = f"{rel}/{name}"
-            cst_o = _lstat_path(old_dir + crel) if o_dir else None
-            cst_n = _lstat_path(new_dir + crel) if n_dir else None
-            con = _Node(cst_o, _cap(old_dir + crel, cst_o), {})
-            cnn = _Node(cst_n, _cap(new_dir + crel, cst_n), {})
-            if cst_o is not None:
-                on.children[name] = con
-            if cst_n is not None:
-                nn.children[name] = cnn
-            rec(crel, cst_o, cst_n, con, cnn)
-
-    rec("", os.lstat(old_dir), os.lstat(new_dir), old_root, new_root)
-    return old_root, new_root
-
-
-def _lstat_path(p: str) -> Optional[os.stat_result]:
-    try:
-        return os.lstat(p)
-    except FileNotFoundError:
-        return None
-
-
-def _cap(p: str, st: Optional[os.stat_result]) -> Optional[bytes]:
-    if st is None or stat.S_ISLNK(st.st_mode):
-        return None
-    return _getxattr(p, tarformat.CAPABILITY_XATTR)
-
-
-def _stat_different(o: os.stat_result, n: os.stat_result) -> bool:
-    if (o.st_mode, o.st_uid, o.st_gid, o.st_rdev) != (n.st_mode, n.st_uid, n.st_gid, n.st_rdev):
-        return True
-    # moby tests `mode & S_IFDIR != S_IFDIR`, so block devices (and sockets) share the
-    # directories' exemption from the mtime/size comparison.
-    if o.st_mode & stat.S_IFDIR != stat.S_IFDIR:
-        return not _same_time(o.st_mtime_ns, n.st_mtime_ns) or o.st_size != n.st_size
-    return False
-
-
-def changes_dirs(new_dir: str, old_dir: Optional[str]) -> List[Change]:
-    """Changes between two whole trees (moby's ChangesDirs; `old_dir` None = empty)."""
-    if old_dir is None:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as empty:
-            return changes_dirs(new_dir, empty)
-    old_root, new_root = _collect(old_dir, new_dir)
-    changes: List[Change] = []
-
-    def add(path: str, info: _Node, old: Optional[_Node], added: bool) -> None:
-        at_entry = len(changes)
-        if old is None and path != "/":
-            changes.append(Change(path, CHANGE_ADD))
-            added = True
-        is_dir = info.st is None or stat.S_ISDIR(info.st.st_mode)
-        old_children = dict(old.children) if old is not None and is_dir else {}
-        for name in sorted(info.children, key=os.fsencode):
-            child = info.children[name]
-            cpath = f"{path.rstrip('/')}/{name}"
-            ochild = old_children.pop(name, None)
-            child_added = False
-            if ochild is not None:
-                assert ochild.st is not None and child.st is not None
-                if _stat_different(ochild.st, child.st) or ochild.cap != child.cap:
-                    changes.append(Change(cpath, CHANGE_MODIFY))
-                    child_added = True
-            add(cpath, child, ochild, child_added)
-        for name in sorted(old_children, key=os.fsencode):
-            changes.append(Change(f"{path.rstrip('/')}/{name}", CHANGE_DELETE))
-        if len(changes) > at_entry and is_dir and not added and path != "/":
-            changes.insert(at_entry, Change(path, CHANGE_MODIFY))
-
-    add("/", new_root, old_root, False)
-    return changes
-
-
-def changes_size(root: str, changes: Sequence[Change]) -> int:
-    """Bytes of added and modified non-directories under `root` (moby's ChangesSize)."""
-    seen = set()
-    total = 0
-    for change in changes:
-        if change.kind == CHANGE_DELETE:
-            continue
-        st = _lstat_path(root + change.path)
-        if st is None or stat.S_ISDIR(st.st_mode):
-            continue
-        if st.st_nlink > 1:
-            if st.st_ino in seen:
-                continue
-            seen.add(st.st_ino)
-        total += st.st_size
-    return total
-
+def _go_to(stack: fdtree.DirStack, parts: List[str]) -> bool:
+    """Move `stack` to the directory `parts` below its root, through the deepest level
+    the two paths share (changes come sorted: a walk of the tree in all). False if it is
+    gone; DriverError if a component became a symlink or non-directory."""
+    common = 0
+    while (common < min(len(parts), stack.depth)
+           and stack.names[common] == parts[common]):
+        common += 1
+    while stack.depth > common:
+        stack.pop()
+    for part in parts[common:]:
+        try:
+            stack.push(part)
+        except FileNotFoundError:
+            return False
+        except UnsafeLayerError:
+            raise DriverError(_changed_under_us("/".join(stack.names + [part]))) from None
+    return True

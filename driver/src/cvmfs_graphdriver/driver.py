@@ -13,9 +13,10 @@ import logging
 import os
 import threading
 from collections import defaultdict
-from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from . import __version__, archive, fdtree, mounts, whiteouts
+from .changes import Change, changes_dirs, changes_size
 from .config import Config
 from .errors import DriverError, NotFoundError
 from .files import atomic_write, fsync_dir, read, write_durably
@@ -198,37 +199,24 @@ class Driver:
         return True
 
     def _recover(self) -> None:
-        """Make the home consistent after a crash, adopting mounts still in use."""
+        """Make the home consistent after a crash, adopting mounts still in use. One
+        layer that cannot be put right is logged and left as it is (it is reported
+        incomplete, or keeps what blocks it): it must never stop the start-up."""
         layout = self.layout
         entries = mounts.read_mountinfo()
         staging = layout.staging
         for point in mounts.mounts_under(staging, entries):
             mounts.unmount(point)
-        if os.path.isdir(staging):
-            fdtree.remove_tree(staging)
         os.makedirs(staging, mode=0o700, exist_ok=True)
+        for leftover in os.listdir(staging):
+            self._recovery_step(f"clearing {staging}/{leftover}", fdtree.remove_tree,
+                                os.path.join(staging, leftover))
 
         mounted = set(mounts.mounts_under(layout.home, entries))
         for name in sorted(os.listdir(layout.home)):
-            if not is_layer_name(name) or not os.path.isdir(os.path.join(layout.home, name)):
-                continue
-            name = LayerId(name)
-            merged = layout.merged(name)
-            if os.path.exists(layout.applying_marker(name)):
-                log.warning("layer %s: ApplyDiff was interrupted; removing the partial layer", name)
-                if merged in mounted:
-                    mounts.unmount(merged)
-                self._remove_layer_dir(name)
-                continue
-            try:
-                short = read(layout.link_file(name))
-            except FileNotFoundError:
-                short = ""
-            if short and not os.path.islink(layout.short_link(short)):
-                log.warning("layer %s: recreating missing link l/%s", name, short)
-                os.symlink(link_target(name), layout.short_link(short))
-            if merged in mounted:
-                self._refs[name] = 1  # a container still uses it; its Put will release it
+            if is_layer_name(name) and os.path.isdir(os.path.join(layout.home, name)):
+                self._recovery_step(f"layer {name}", self._recover_layer, LayerId(name),
+                                    mounted)
         for short in os.listdir(layout.links):
             link = layout.short_link(short)
             with contextlib.suppress(OSError):
@@ -240,6 +228,33 @@ class Driver:
                     os.unlink(link)
         if self._refs:
             log.info("adopted %d mounts left by a previous run", len(self._refs))
+
+    @staticmethod
+    def _recovery_step(what: str, step: Callable[..., None], *args: Any) -> None:
+        try:
+            step(*args)
+        except Exception as e:  # whatever it is, the other layers and dockerd come first
+            log.error("start-up recovery: %s failed, left as it is: %s: %s", what,
+                      type(e).__name__, e, exc_info=not isinstance(e, (OSError, DriverError)))
+
+    def _recover_layer(self, name: LayerId, mounted: Set[str]) -> None:
+        layout = self.layout
+        merged = layout.merged(name)
+        if os.path.exists(layout.applying_marker(name)):
+            log.warning("layer %s: ApplyDiff was interrupted; removing the partial layer", name)
+            if merged in mounted:
+                mounts.unmount(merged)
+            self._remove_layer_dir(name)
+            return
+        try:
+            short = read(layout.link_file(name))
+        except FileNotFoundError:
+            short = ""
+        if short and not os.path.islink(layout.short_link(short)):
+            log.warning("layer %s: recreating missing link l/%s", name, short)
+            os.symlink(link_target(name), layout.short_link(short))
+        if merged in mounted:
+            self._refs[name] = 1  # a container still uses it; its Put will release it
 
     # ------------------------------------------------------------------ layers
 
@@ -378,7 +393,7 @@ class Driver:
             write_durably(marker, "")
             diff = layout.diff(layer_id)
             result = _apply(layer_id, stream, diff, whiteouts.OverlayUpper())
-            size = archive.directory_size(diff)
+            size = fdtree.directory_size(diff)
             try:
                 self.thin.record(layer_id)
             except DescriptorError as e:
@@ -439,27 +454,27 @@ class Driver:
                 archive.write_layer_tar(out, self.layout.diff(layer_id))
                 return
             with self._views(layer_id, parent) as (view, pview):
-                archive.export_changes(out, view, archive.changes_dirs(view, pview))
+                archive.export_changes(out, view, changes_dirs(view, pview))
 
         return write
 
     def diff(self, layer_id: LayerId, parent: Optional[LayerId], out: IO[bytes]) -> None:
         self.open_diff(layer_id, parent)(out)
 
-    def changes(self, layer_id: LayerId, parent: Optional[LayerId]) -> List[archive.Change]:
+    def changes(self, layer_id: LayerId, parent: Optional[LayerId]) -> List[Change]:
         self._require(layer_id)
         # Always compare the mounted trees, as overlay2 has done since moby PR #37313
         # (Docker 18.06): reading the upper dir reports an opaque dir as deleted and misses
         # what it hides, so `docker diff` would differ from overlay2's.
         with self._views(layer_id, parent) as (view, pview):
-            return archive.changes_dirs(view, pview)
+            return changes_dirs(view, pview)
 
     def diff_size(self, layer_id: LayerId, parent: Optional[LayerId]) -> int:
         self._require(layer_id)
         if self._use_native(layer_id, parent):
-            return archive.directory_size(self.layout.diff(layer_id))
+            return fdtree.directory_size(self.layout.diff(layer_id))
         with self._views(layer_id, parent) as (view, pview):
-            return archive.changes_size(view, archive.changes_dirs(view, pview))
+            return changes_size(view, pview)
 
     # ------------------------------------------------------------------ reporting
 

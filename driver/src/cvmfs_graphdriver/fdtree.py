@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import UnsafeLayerError
 
@@ -45,6 +45,17 @@ def proc_path(dir_fd: int, name: Optional[str] = None) -> str:
     return f"/proc/self/fd/{dir_fd}" if name is None else f"/proc/self/fd/{dir_fd}/{name}"
 
 
+def xattr_at(dir_fd: int, name: str, key: str) -> Optional[bytes]:
+    """Extended attribute `key` of entry `name` in `dir_fd` (not followed if a symlink),
+    or None where it has none or the filesystem keeps none."""
+    try:
+        return os.getxattr(proc_path(dir_fd, name), key, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
+
+
 def open_dirs(root_fd: int, parts: Sequence[str], *, create: bool,
               refuse: Callable[[str], str]) -> int:
     """Open the directory `parts` below `root_fd` one component at a time. Missing
@@ -54,17 +65,17 @@ def open_dirs(root_fd: int, parts: Sequence[str], *, create: bool,
     fd = os.dup(root_fd)
     try:
         for i, part in enumerate(parts):
-            where = "/".join(parts[: i + 1])
             try:
-                nfd = open_dir_at(fd, part, where)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                os.mkdir(part, 0o755, dir_fd=fd)
-                nfd = open_dir_at(fd, part, where)
-                os.chmod(nfd, 0o755)  # as moby's untar makes missing parents, any umask
+                try:
+                    nfd = open_dir_at(fd, part, part)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nfd = open_dir_at(fd, part, part)
+                    os.chmod(nfd, 0o755)  # as moby's untar makes missing parents, any umask
             except UnsafeLayerError:
-                raise UnsafeLayerError(refuse(where)) from None
+                raise UnsafeLayerError(refuse("/".join(parts[: i + 1]))) from None
             os.close(fd)
             fd = nfd
     except BaseException:
@@ -73,38 +84,173 @@ def open_dirs(root_fd: int, parts: Sequence[str], *, create: bool,
     return fd
 
 
+# Descriptors a DirStack keeps open: the deepest levels (where a walk spends its time)
+# and the root. Any depth costs no more (a tree can be deeper than the open-file limit).
+KEEP_OPEN = 64
+
+
+class DirStack:
+    """The directories from a root down to the current one, each opened from the one
+    above by name with O_NOFOLLOW.
+
+    Only the root and the KEEP_OPEN deepest levels hold descriptors. Going back up to a
+    level whose descriptor was closed reopens it as ".." of the level below, which must
+    be the very directory left (same device and inode): a tree rearranged meanwhile (a
+    running container) is an UnsafeLayerError, never a walk somewhere else.
+    """
+
+    def __init__(self, root_fd: int) -> None:
+        fd = os.dup(root_fd)
+        st = os.fstat(fd)
+        self._fds: List[Optional[int]] = [fd]
+        self._ids: List[Tuple[int, int]] = [(st.st_dev, st.st_ino)]
+        self._closed_upto = 0  # levels 1.._closed_upto hold no descriptor
+        self.names: List[str] = []  # the components from the root to the current level
+
+    @property
+    def fd(self) -> int:
+        fd = self._fds[-1]
+        assert fd is not None
+        return fd
+
+    @property
+    def depth(self) -> int:
+        return len(self.names)
+
+    def push(self, name: str, fd: Optional[int] = None) -> os.stat_result:
+        """Go down into directory `name` of the current level (or adopt `fd`, already
+        opened so); UnsafeLayerError if it is a symlink or no directory. Returns its
+        fstat."""
+        if fd is None:
+            fd = open_dir_at(self.fd, name, "/".join([*self.names, name]))
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fds.append(fd)
+        self._ids.append((st.st_dev, st.st_ino))
+        self.names.append(name)
+        if len(self._fds) - 1 - self._closed_upto > KEEP_OPEN:
+            self._closed_upto += 1
+            closing = self._fds[self._closed_upto]
+            assert closing is not None
+            os.close(closing)
+            self._fds[self._closed_upto] = None
+        return st
+
+    def pop(self) -> None:
+        """Go back up one level."""
+        assert self.names, "already at the root"
+        fd = self._fds.pop()
+        self._ids.pop()
+        self.names.pop()
+        assert fd is not None
+        try:
+            if self._fds[-1] is None:
+                up = os.open("..", DIR_FLAGS, dir_fd=fd)
+                st = os.fstat(up)
+                if (st.st_dev, st.st_ino) != self._ids[-1]:
+                    os.close(up)
+                    raise UnsafeLayerError(
+                        f"{'/'.join(self.names)!r} was moved while being read; try again")
+                self._fds[-1] = up
+                self._closed_upto -= 1
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            if fd is not None:
+                os.close(fd)
+        self._fds = []
+
+    def __enter__(self) -> DirStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sorted_names(dir_fd: int) -> List[str]:
+    """The names in a directory in byte order, as Go's Walk visits them."""
+    return sorted(os.listdir(dir_fd), key=os.fsencode)
+
+
+def walk(root_fd: int) -> Iterator[Tuple[DirStack, str, os.stat_result]]:
+    """Every entry below `root_fd`, depth first in byte order of names, parents before
+    their children: (the stack, whose `fd` is the entry's directory and `names` its
+    path; the entry's name; its lstat). An entry that vanishes or stops being a
+    directory meanwhile is passed over."""
+    with DirStack(root_fd) as stack:
+        pending: List[Iterator[str]] = [iter(sorted_names(stack.fd))]
+        while pending:
+            name = next(pending[-1], None)
+            if name is None:
+                pending.pop()
+                if pending:
+                    stack.pop()
+                continue
+            st = lstat_at(stack.fd, name)
+            if st is None:
+                continue
+            yield stack, name, st
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            try:
+                stack.push(name)
+            except (FileNotFoundError, UnsafeLayerError):
+                continue  # changed since its lstat
+            pending.append(iter(sorted_names(stack.fd)))
+
+
+def directory_size(root: str) -> int:
+    """Bytes of all non-directories below `root`, hard links counted once (moby's
+    directory.Size)."""
+    seen = set()
+    total = 0
+    fd = os.open(root, DIR_FLAGS)
+    try:
+        for _, _, st in walk(fd):
+            if stat.S_ISDIR(st.st_mode) or st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+            total += st.st_size
+    finally:
+        os.close(fd)
+    return total
+
+
 def remove_at(dir_fd: int, name: str) -> None:
     """Remove `name` in `dir_fd`, a whole tree if a directory, without following
-    symlinks and without recursion."""
+    symlinks, at any depth."""
     st = lstat_at(dir_fd, name)
     if st is None:
         return
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return
-    # Depth-first: each frame is (fd of a directory, the fd of its parent, its name).
-    stack: List[Tuple[int, int, str]] = [(os.open(name, DIR_FLAGS, dir_fd=dir_fd), dir_fd, name)]
-    try:
-        while stack:
-            fd, _, _ = stack[-1]
-            descended = False
-            for child in os.listdir(fd):
-                cst = lstat_at(fd, child)
+    with DirStack(dir_fd) as stack:
+        stack.push(name)
+        pending: List[Iterator[str]] = [iter(os.listdir(stack.fd))]
+        while True:
+            child = next(pending[-1], None)
+            if child is not None:
+                cst = lstat_at(stack.fd, child)
                 if cst is None:
                     continue
-                if stat.S_ISDIR(cst.st_mode):
-                    stack.append((os.open(child, DIR_FLAGS, dir_fd=fd), fd, child))
-                    descended = True
-                    break
-                os.unlink(child, dir_fd=fd)
-            if descended:
+                if not stat.S_ISDIR(cst.st_mode):
+                    os.unlink(child, dir_fd=stack.fd)
+                    continue
+                stack.push(child)
+                pending.append(iter(os.listdir(stack.fd)))
                 continue
-            fd, parent_fd, own = stack.pop()
-            os.close(fd)
-            os.rmdir(own, dir_fd=parent_fd)
-    finally:
-        for fd, _, _ in stack:
-            os.close(fd)
+            pending.pop()
+            own = stack.names[-1]
+            stack.pop()
+            os.rmdir(own, dir_fd=stack.fd)
+            if not pending:
+                return
 
 
 def remove_tree(path: str) -> None:

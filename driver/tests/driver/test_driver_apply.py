@@ -22,8 +22,8 @@ from layer_tools import (
     xattr,
 )
 
-from cvmfs_graphdriver import archive
-from cvmfs_graphdriver.archive import CHANGE_ADD, CHANGE_DELETE, CHANGE_MODIFY
+from cvmfs_graphdriver import fdtree
+from cvmfs_graphdriver.changes import CHANGE_ADD, CHANGE_DELETE, CHANGE_MODIFY
 from cvmfs_graphdriver.errors import DriverError
 
 pytestmark = pytest.mark.root
@@ -106,7 +106,7 @@ def test_apply_preserves_types_owners_modes_links_xattrs_and_mtimes(drv):
     assert os.lstat(os.path.join(root, "old")).st_mtime_ns == 0
     assert os.lstat(os.path.join(root, "precise")).st_mtime_ns == 1_600_000_000_123_456_789
 
-    assert size == archive.directory_size(root) == 7 + len("d/f") + len(
+    assert size == fdtree.directory_size(root) == 7 + len("d/f") + len(
         "/nonexistent/target") + 4 + 1 + 1 + 1
     assert drv.exists(layer)
     assert not os.path.exists(os.path.join(drv.layout.home, layer, ".applying"))
@@ -264,7 +264,7 @@ def test_diff_applied_onto_a_new_layer_reproduces_the_layer(drv):
     assert xattr(os.path.join(upper_diff, "opq"), "trusted.overlay.opaque") == b"y"
 
     diff_size = drv.diff_size(upper, "")  # graphtest's call: a naive size of the whole view
-    assert drv.diff_size(upper, base) == archive.directory_size(upper_diff)
+    assert drv.diff_size(upper, base) == fdtree.directory_size(upper_diff)
 
     target = make_layer(drv, base)
     _check_many_files(drv.get(target), count, 3)

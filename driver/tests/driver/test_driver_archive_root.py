@@ -11,8 +11,8 @@ import struct
 import pytest
 from layer_tools import read_tar
 
-from cvmfs_graphdriver import archive, whiteouts
-from cvmfs_graphdriver.archive import CHANGE_MODIFY
+from cvmfs_graphdriver import archive, changes, whiteouts
+from cvmfs_graphdriver.changes import CHANGE_MODIFY
 
 pytestmark = pytest.mark.root
 
@@ -47,7 +47,7 @@ def test_changes_dirs_sees_owner_and_capability_changes(as_root, tmp_path):
         os.setxattr(f"{root}/same", "security.capability", CAP)
     os.chown(f"{new}/owner", 1000, 1000)
     os.setxattr(f"{new}/cap", "security.capability", CAP2)
-    assert _pairs(archive.changes_dirs(new, old)) == {("/owner", CHANGE_MODIFY),
+    assert _pairs(changes.changes_dirs(new, old)) == {("/owner", CHANGE_MODIFY),
                                                        ("/cap", CHANGE_MODIFY)}
 
 

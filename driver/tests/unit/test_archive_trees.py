@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from cvmfs_graphdriver import archive
-from cvmfs_graphdriver.archive import CHANGE_ADD, CHANGE_DELETE, CHANGE_MODIFY
+from cvmfs_graphdriver import archive, changes, fdtree
+from cvmfs_graphdriver.changes import CHANGE_ADD, CHANGE_DELETE, CHANGE_MODIFY
 from cvmfs_graphdriver.errors import UnsafeLayerError
 
 # ---------------------------------------------------------------------------- names
@@ -82,11 +82,11 @@ def test_directory_size_counts_non_directories_and_hard_links_once(tmp_path):
     os.link(root / "a", root / "sub" / "a-again")
     os.symlink("target-of-11", root / "sub" / "sym")
     os.mkdir(root / "empty")
-    assert archive.directory_size(str(root)) == 10 + 20 + len("target-of-11")
+    assert fdtree.directory_size(str(root)) == 10 + 20 + len("target-of-11")
 
 
 def test_directory_size_of_an_empty_tree_is_zero(tmp_path):
-    assert archive.directory_size(str(tmp_path)) == 0
+    assert fdtree.directory_size(str(tmp_path)) == 0
 
 
 # ---------------------------------------------------------------------------- changes_dirs
@@ -111,7 +111,7 @@ def old_and_new(tmp_path):
 
 def test_changes_dirs_of_identical_trees_is_empty(old_and_new):
     old, new = old_and_new
-    assert archive.changes_dirs(new, old) == []
+    assert changes.changes_dirs(new, old) == []
 
 
 def test_changes_dirs_reports_exact_add_modify_delete(old_and_new):
@@ -126,8 +126,8 @@ def test_changes_dirs_reports_exact_add_modify_delete(old_and_new):
              ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
     _write(os.path.join(new, "n", "f"), b"f")
 
-    changes = archive.changes_dirs(new, old)
-    assert _pairs(changes) == {
+    found = changes.changes_dirs(new, old)
+    assert _pairs(found) == {
         ("/a", CHANGE_MODIFY),
         ("/a/mod", CHANGE_MODIFY),
         ("/a/new", CHANGE_ADD),
@@ -139,17 +139,17 @@ def test_changes_dirs_reports_exact_add_modify_delete(old_and_new):
         ("/d", CHANGE_DELETE),  # a deleted directory is one change, not one per file
     }
     # a parent directory comes before the changes inside it (export order)
-    paths = [c.path for c in changes]
+    paths = [c.path for c in found]
     assert paths.index("/a") < paths.index("/a/mod")
     assert paths.index("/n") < paths.index("/n/f")
-    assert [c.to_json() for c in changes if c.path == "/d"] == [{"Path": "/d", "Kind": 2}]
+    assert [c.to_json() for c in found if c.path == "/d"] == [{"Path": "/d", "Kind": 2}]
 
 
 def test_changes_dirs_sees_a_file_replaced_by_a_directory(old_and_new):
     old, new = old_and_new
     os.unlink(os.path.join(new, "same"))
     _write(os.path.join(new, "same", "inner"), b"i")
-    assert _pairs(archive.changes_dirs(new, old)) == {
+    assert _pairs(changes.changes_dirs(new, old)) == {
         ("/same", CHANGE_MODIFY),
         ("/same/inner", CHANGE_ADD),
     }
@@ -157,7 +157,7 @@ def test_changes_dirs_sees_a_file_replaced_by_a_directory(old_and_new):
 
 def test_changes_dirs_against_nothing_adds_everything(old_and_new):
     _, new = old_and_new
-    assert _pairs(archive.changes_dirs(new, None)) == {
+    assert _pairs(changes.changes_dirs(new, None)) == {
         (p, CHANGE_ADD)
         for p in ("/a", "/a/keep", "/a/mod", "/a/gone", "/d", "/d/x", "/d/sub", "/d/sub/y",
                   "/same", "/chm", "/touched")
@@ -171,5 +171,4 @@ def test_changes_size_counts_added_and_modified_files(old_and_new):
     _write(os.path.join(new, "n", "f"), b"abc")
     os.link(os.path.join(new, "n", "f"), os.path.join(new, "n", "f2"))
     os.unlink(os.path.join(new, "same"))
-    changes = archive.changes_dirs(new, old)
-    assert archive.changes_size(new, changes) == 10 + 3
+    assert changes.changes_size(new, old) == 10 + 3
