@@ -17,13 +17,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import stat
 import tarfile
 import time
 from dataclasses import dataclass
 from typing import IO, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from . import fdtree, tarformat, whiteouts
+from . import fdtree, tarformat, tarread, whiteouts
 from .changes import CHANGE_DELETE, Change
 from .errors import DriverError, UnsafeLayerError
 
@@ -34,11 +35,22 @@ _COPY_CHUNK = 1 << 20
 
 # ---------------------------------------------------------------------------- names
 
+# Linux's limits (linux/limits.h), which moby's Unpack meets as errors of open or mkdir:
+# a path (or symlink target) of PATH_MAX bytes or more, with its terminating NUL, and a
+# name component longer than NAME_MAX bytes.
+PATH_MAX = 4096
+NAME_MAX = 255
+
+
+def _too_long(name: str) -> bool:
+    return len(name.encode("utf-8", "surrogateescape")) >= PATH_MAX
+
 
 def split_member_name(name: str, what: str = "entry") -> List[str]:
     """Split a tar member name into safe components, or refuse it.
 
-    "./a/b" and "a//b/" are fine; absolute names and any ".." component are refused.
+    "./a/b" and "a//b/" are fine; absolute names and any ".." component are refused, and
+    so are names Linux cannot hold (longer than PATH_MAX, or a component than NAME_MAX).
     An empty list means the layer root itself (".").
     """
     if "\x00" in name:
@@ -47,10 +59,24 @@ def split_member_name(name: str, what: str = "entry") -> List[str]:
         raise UnsafeLayerError(
             f"tar {what} {name!r} is an absolute path; layer tars must use relative names"
         )
+    if _too_long(name):
+        raise DriverError(f"tar {what} {_cut(name)!r} is a name of "
+                          f"{len(name.encode('utf-8', 'surrogateescape'))} bytes; Linux "
+                          f"paths are shorter than {PATH_MAX} bytes (PATH_MAX)")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UnsafeLayerError(f"tar {what} {name!r} climbs out of the layer with '..'")
+    for part in parts:
+        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            raise DriverError(f"tar {what} {_cut(name)!r} has a component of "
+                              f"{len(part.encode('utf-8', 'surrogateescape'))} bytes; Linux "
+                              f"names are at most {NAME_MAX} bytes (NAME_MAX)")
     return parts
+
+
+def _cut(name: str, keep: int = 200) -> str:
+    """A name shortened for a message (an error quoting 4 KiB of it helps nobody)."""
+    return name if len(name) <= keep else f"{name[:keep // 2]}...{name[-keep // 2:]}"
 
 
 class _DirWalker:
@@ -83,36 +109,92 @@ class _DirWalker:
 # ---------------------------------------------------------------------------- apply
 
 
-def _ns(member: tarfile.TarInfo, key: str, fallback: int) -> int:
+# What an entry's fields may hold: what the system calls setting them take, and what Go's
+# archive/tar (dockerd's reader) parses. Times are int64 seconds (time_t; Go's
+# parsePAXTime and parseNumeric refuse more), owners 0 to 2^32-2 (chown takes 32 bits
+# and (uid_t)-1 means "leave the owner as it is": the daemon's root), devices Linux's 12-bit
+# major and 20-bit minor numbers (mknod's dev_t), xattr names and values as
+# Linux's XATTR_NAME_MAX and XATTR_SIZE_MAX.
+_TIME_MIN, _TIME_MAX = -(1 << 63), (1 << 63) - 1
+_ID_MAX = (1 << 32) - 2
+_MAJOR_MAX, _MINOR_MAX = (1 << 12) - 1, (1 << 20) - 1
+_XATTR_NAME_MAX, _XATTR_SIZE_MAX = 255, 65536
+_PAX_TIME = re.compile(r"([+-]?[0-9]+)(?:\.([0-9]*))?")  # Go's parsePAXTime
+_PAX_INT = re.compile(r"[+-]?[0-9]+")  # Go's strconv.ParseInt(v, 10, 64)
+
+
+def _ns(member: tarfile.TarInfo, key: str, fallback: int, shown: str) -> int:
+    """A PAX time record in nanoseconds ("seconds[.fraction]"), or `fallback` without one."""
     raw = member.pax_headers.get(key)
-    if raw:
-        try:
-            sec, _, frac = raw.partition(".")
-            return int(sec) * 1_000_000_000 + int((frac + "000000000")[:9] or 0) * (
-                -1 if sec.startswith("-") else 1
-            )
-        except ValueError:
-            pass
-    return fallback
+    if not raw:
+        return fallback
+    m = _PAX_TIME.fullmatch(raw)
+    if m is None or not _TIME_MIN <= int(m.group(1)) <= _TIME_MAX:
+        raise DriverError(f"tar entry {shown!r}: PAX {key} {raw[:40]!r} is not a time "
+                          "(seconds since 1970 as a 64-bit number, an optional fraction)")
+    frac = int(((m.group(2) or "") + "000000000")[:9])
+    return int(m.group(1)) * 1_000_000_000 + (-frac if raw.startswith("-") else frac)
 
 
-def _member_times(member: tarfile.TarInfo) -> Tuple[int, int]:
-    mtime = _ns(member, "mtime", int(member.mtime) * 1_000_000_000)
-    atime = _ns(member, "atime", mtime)
+def _member_times(member: tarfile.TarInfo, shown: str) -> Tuple[int, int]:
+    """(atime, mtime) in nanoseconds, as utimensat takes them."""
+    if member.pax_headers.get("mtime"):  # an empty record is none (as Go reads it)
+        mtime = _ns(member, "mtime", 0, shown)
+    elif isinstance(member.mtime, int) and _TIME_MIN <= member.mtime <= _TIME_MAX:
+        mtime = member.mtime * 1_000_000_000
+    else:
+        raise DriverError(f"tar entry {shown!r}: its mtime {member.mtime!r} is beyond what "
+                          "a 64-bit time holds")
+    atime = _ns(member, "atime", mtime, shown)
     return (max(atime, mtime), mtime)
 
 
-def _member_xattrs(member: tarfile.TarInfo) -> Dict[str, bytes]:
+def _member_xattrs(member: tarfile.TarInfo, shown: str) -> Dict[str, bytes]:
     out = {}
     for key, value in member.pax_headers.items():
         if key.startswith(tarformat.PAX_XATTR):
             name = key[len(tarformat.PAX_XATTR) :]
             if whiteouts.is_overlay_xattr(name):
                 # Only the driver sets overlay's own attributes (from whiteout markers).
-                log.warning("tar entry %r: ignoring xattr %s", member.name, name)
+                log.warning("tar entry %r: ignoring xattr %s", shown, name)
                 continue
-            out[name] = value.encode("utf-8", "surrogateescape")
+            raw = value.encode("utf-8", "surrogateescape")
+            size = len(name.encode("utf-8", "surrogateescape"))
+            if "\x00" in name or not 0 < size <= _XATTR_NAME_MAX:
+                raise DriverError(f"tar entry {shown!r}: xattr name {_cut(name)!r} is not a "
+                                  f"name (1 to {_XATTR_NAME_MAX} bytes, no NUL byte)")
+            if len(raw) > _XATTR_SIZE_MAX:
+                raise DriverError(f"tar entry {shown!r}: xattr {name!r} holds {len(raw)} "
+                                  f"bytes; Linux takes at most {_XATTR_SIZE_MAX}")
+            out[name] = raw
     return out
+
+
+def _check_member(member: tarfile.TarInfo, shown: str) -> None:
+    """Refuse, naming the entry, a field no system call could set (before anything of
+    the entry is made): the error would otherwise be an OverflowError or ValueError."""
+    for key in ("uid", "gid", "size"):
+        raw = member.pax_headers.get(key)
+        if raw and not _PAX_INT.fullmatch(raw):
+            raise DriverError(f"tar entry {shown!r}: PAX {key} {raw[:40]!r} is not a number")
+    for what, value in (("uid", member.uid), ("gid", member.gid)):
+        if not 0 <= value <= _ID_MAX:
+            raise DriverError(f"tar entry {shown!r}: its {what} {value} is out of range "
+                              f"(0 to {_ID_MAX})")
+    _member_times(member, shown)
+    _member_xattrs(member, shown)
+    if member.issym():
+        if "\x00" in member.linkname:
+            raise UnsafeLayerError(f"tar entry {shown!r}: its symlink target "
+                                   f"{member.linkname!r} contains a NUL byte")
+        if _too_long(member.linkname):
+            raise DriverError(f"tar entry {shown!r}: its symlink target "
+                              f"{_cut(member.linkname)!r} is {PATH_MAX} bytes or longer "
+                              "(PATH_MAX)")
+    if (member.ischr() or member.isblk()) and not (
+            0 <= member.devmajor <= _MAJOR_MAX and 0 <= member.devminor <= _MINOR_MAX):
+        raise DriverError(f"tar entry {shown!r}: device {member.devmajor}:{member.devminor} "
+                          f"is out of range (major 0 to {_MAJOR_MAX}, minor 0 to {_MINOR_MAX})")
 
 
 @dataclass
@@ -122,33 +204,41 @@ class ApplyResult:
     bytes: int = 0  # the sizes in the entries' headers, summed (moby's UnpackLayer size)
 
 
-def apply_tar(stream: IO[bytes], root: str,
-              converter: Optional[whiteouts.Converter]) -> ApplyResult:
+def apply_tar(stream: IO[bytes], root: str, converter: Optional[whiteouts.Converter],
+              max_bytes: int = 0) -> ApplyResult:
     """Extract an uncompressed layer tar into the directory `root`.
 
     `converter` says what whiteout markers become (whiteouts.OverlayUpper for a layer's
     diff dir, whiteouts.Flatten to flatten layers); without one they are stored as the
-    plain files they are (a published layer, as DUCC stores them).
+    plain files they are (a published layer, as DUCC stores them). The layer's files may
+    take `max_bytes` (0: no limit of its own) and never more than is free (see
+    tarread.SizeBudget). The tar is read within tarread's bounds and must end with its
+    end-of-archive marker.
     """
     root_fd = os.open(root, fdtree.DIR_FLAGS)
     walker = _DirWalker(root_fd)
     result = ApplyResult()
+    budget = tarread.SizeBudget(root_fd, max_bytes)
     dir_times: List[Tuple[List[str], Tuple[int, int]]] = []
     try:
         try:
-            tar = tarfile.open(  # noqa: SIM115 (closed by the with below)
-                fileobj=stream, mode="r|", errors="surrogateescape", bufsize=_COPY_CHUNK
-            )
+            tar = tarread.open_layer(stream, _COPY_CHUNK)
         except tarfile.ReadError as e:
             raise DriverError(f"layer data is not a valid uncompressed tar: {e}") from None
         with tar:
             try:
-                for member in tar:
+                while True:
+                    member = tar.next()
+                    if member is None:
+                        break
                     result.entries += 1
                     result.bytes += member.size
-                    _apply_member(tar, member, root_fd, walker, dir_times, result, converter)
+                    _apply_member(tar, member, root_fd, walker, dir_times, result, converter,
+                                  budget)
+                tarread.check_end(tar)
             except tarfile.TarError as e:
-                raise DriverError(f"layer tar is corrupt or truncated: {e}") from None
+                raise DriverError(f"layer tar is corrupt or truncated "
+                                  f"{tar.chain.where()}: {e}") from None
         walker.forget()
         for parts, times in reversed(dir_times):
             _set_dir_times(root_fd, parts, times)
@@ -159,15 +249,17 @@ def apply_tar(stream: IO[bytes], root: str,
 
 
 def _apply_member(
-    tar: tarfile.TarFile,
+    tar: tarread.LayerTarFile,
     member: tarfile.TarInfo,
     root_fd: int,
     walker: _DirWalker,
     dir_times: List[Tuple[List[str], Tuple[int, int]]],
     result: ApplyResult,
     converter: Optional[whiteouts.Converter],
+    budget: tarread.SizeBudget,
 ) -> None:
     parts = split_member_name(member.name)
+    _check_member(member, "/".join(parts) or member.name)
     if not parts:
         if not member.isdir():
             raise UnsafeLayerError(
@@ -193,32 +285,26 @@ def _apply_member(
             os.mkdir(base, 0o700, dir_fd=pfd)
         fd = os.open(base, fdtree.DIR_FLAGS, dir_fd=pfd)
         try:
-            _set_metadata(fd, None, member, is_link=False)
+            _set_metadata(fd, None, member, shown, is_link=False)
         finally:
             os.close(fd)
-        dir_times.append((parts, _member_times(member)))
+        dir_times.append((parts, _member_times(member, shown)))
     elif member.isreg():
+        budget.take(member.size, shown)
         fd = os.open(
             base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
             dir_fd=pfd,
         )
         try:
-            src = tar.extractfile(member)
-            if src is not None:
-                with open(fd, "wb", buffering=_COPY_CHUNK, closefd=False) as dst:
-                    while True:
-                        chunk = src.read(_COPY_CHUNK)
-                        if not chunk:
-                            break
-                        dst.write(chunk)
-            _set_metadata(fd, None, member, is_link=False)
-            os.utime(fd, ns=_member_times(member))
+            tarread.write_data(tar, member, fd, shown, _COPY_CHUNK)
+            _set_metadata(fd, None, member, shown, is_link=False)
+            os.utime(fd, ns=_member_times(member, shown))
         finally:
             os.close(fd)
     elif member.issym():
         os.symlink(member.linkname, base, dir_fd=pfd)
-        _set_metadata(pfd, base, member, is_link=True)
-        os.utime(base, ns=_member_times(member), dir_fd=pfd, follow_symlinks=False)
+        _set_metadata(pfd, base, member, shown, is_link=True)
+        os.utime(base, ns=_member_times(member, shown), dir_fd=pfd, follow_symlinks=False)
     elif member.islnk():
         try:
             tparts = split_member_name(member.linkname, "hard link target")
@@ -248,15 +334,15 @@ def _apply_member(
             os.link(tparts[-1], base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         finally:
             os.close(tfd)
-        _set_metadata(pfd, base, member, is_link=stat.S_ISLNK(tst.st_mode))
+        _set_metadata(pfd, base, member, shown, is_link=stat.S_ISLNK(tst.st_mode))
         if not stat.S_ISLNK(tst.st_mode):
-            os.utime(fdtree.proc_path(pfd, base), ns=_member_times(member))
+            os.utime(fdtree.proc_path(pfd, base), ns=_member_times(member, shown))
     elif member.ischr() or member.isblk() or member.isfifo():
         kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK if member.isblk() else stat.S_IFIFO
         dev = os.makedev(member.devmajor, member.devminor) if kind != stat.S_IFIFO else 0
         os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
-        _set_metadata(pfd, base, member, is_link=False)
-        os.utime(base, ns=_member_times(member), dir_fd=pfd, follow_symlinks=False)
+        _set_metadata(pfd, base, member, shown, is_link=False)
+        os.utime(base, ns=_member_times(member, shown), dir_fd=pfd, follow_symlinks=False)
     else:
         raise DriverError(
             f"tar entry {shown!r} has unsupported type {member.type!r}; "
@@ -264,17 +350,19 @@ def _apply_member(
         )
 
 
-def _set_metadata(fd: int, name: Optional[str], member: tarfile.TarInfo, *, is_link: bool) -> None:
+def _set_metadata(fd: int, name: Optional[str], member: tarfile.TarInfo, shown: str, *,
+                  is_link: bool) -> None:
     """Owner, xattrs, then mode (chown clears setuid bits, so mode comes last).
 
     With `name` None, `fd` is the object itself; otherwise `name` is an entry in dir `fd`.
+    `shown` is the entry's name in messages; its fields passed _check_member.
     """
     if name is None:
         os.chown(fd, member.uid, member.gid)
     else:
         os.chown(name, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
     path = fdtree.proc_path(fd, name)
-    for key, value in _member_xattrs(member).items():
+    for key, value in _member_xattrs(member, shown).items():
         try:
             if name is None:
                 # fsetxattr: lsetxattr on the /proc/self/fd magic link itself is ENOTSUP.
@@ -283,9 +371,10 @@ def _set_metadata(fd: int, name: Optional[str], member: tarfile.TarInfo, *, is_l
                 os.setxattr(path, key, value, follow_symlinks=False)
         except OSError as e:
             if e.errno in (errno.ENOTSUP, errno.EPERM):
-                log.warning("tar entry %r: cannot set xattr %s: %s", member.name, key, e)
+                log.warning("tar entry %r: cannot set xattr %s: %s", shown, key, e)
                 continue
-            raise
+            raise DriverError(f"tar entry {shown!r}: cannot set its xattr {key!r} "
+                              f"({len(value)} bytes): {e.strerror}") from None
     if not is_link:
         if name is None:
             os.chmod(fd, member.mode & 0o7777)
@@ -323,7 +412,14 @@ class _Appender:
         if st is None:
             return None  # gone meanwhile (a running container): moby skips it too
         is_dir = stat.S_ISDIR(st.st_mode)
-        link = os.fsencode(os.readlink(name, dir_fd=dir_fd)) if stat.S_ISLNK(st.st_mode) else b""
+        link = b""
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                link = os.fsencode(os.readlink(name, dir_fd=dir_fd))
+            except FileNotFoundError:
+                return None
+            except OSError as e:  # EINVAL: no symlink any more
+                raise DriverError(_replaced_under_us(rel)) from e
         cap = fdtree.xattr_at(dir_fd, name, tarformat.CAPABILITY_XATTR)
         h = tarformat.file_header(rel, st, link, cap)
         if h is None:
@@ -337,7 +433,10 @@ class _Appender:
                 self.seen[st.st_ino] = rel
         child_fd = None
         if is_dir and (descend or self.overlay):
-            child_fd = fdtree.open_dir_at(dir_fd, name, os.fsdecode(rel))
+            try:
+                child_fd = fdtree.open_dir_at(dir_fd, name, os.fsdecode(rel))
+            except FileNotFoundError:
+                return None  # gone since its lstat
         try:
             extra = None
             if self.overlay:
@@ -360,18 +459,28 @@ class _Appender:
 
     def _add_file(self, dir_fd: int, name: str, st: os.stat_result,
                   h: tarformat.Header) -> None:
-        fd = os.open(name, fdtree.FILE_FLAGS, dir_fd=dir_fd)
+        try:
+            fd = os.open(name, fdtree.FILE_FLAGS, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ELOOP):
+                raise DriverError(_replaced_under_us(h.name)) from None
+            raise
         try:
             now = os.fstat(fd)
             if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev) or not stat.S_ISREG(
                     now.st_mode):
-                raise DriverError(f"{os.fsdecode(h.name)} was replaced while being archived")
+                raise DriverError(_replaced_under_us(h.name))
             self.stream.add(h, fd)
         finally:
             os.close(fd)
 
     def close(self) -> None:
         self.stream.close()
+
+
+def _replaced_under_us(name: bytes) -> str:
+    return (f"{os.fsdecode(name)!r} was replaced while the layer was being archived (a "
+            "running container changed it); try again")
 
 
 def _changed_under_us(where: str) -> str:

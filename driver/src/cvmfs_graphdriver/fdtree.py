@@ -47,11 +47,11 @@ def proc_path(dir_fd: int, name: Optional[str] = None) -> str:
 
 def xattr_at(dir_fd: int, name: str, key: str) -> Optional[bytes]:
     """Extended attribute `key` of entry `name` in `dir_fd` (not followed if a symlink),
-    or None where it has none or the filesystem keeps none."""
+    or None where it has none, the filesystem keeps none, or the entry is gone."""
     try:
         return os.getxattr(proc_path(dir_fd, name), key, follow_symlinks=False)
     except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.ENOENT):
             return None
         raise
 

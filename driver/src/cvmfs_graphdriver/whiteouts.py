@@ -138,6 +138,12 @@ class OverlayUpper:
             make_whiteout(marker.target, dir_fd=parent_fd, uid=uid, gid=gid)
 
 
+def _dir_entries(dir_fd: int) -> List[os.DirEntry]:
+    """A directory's entries by name, types from readdir (no stat, nothing opened)."""
+    with os.scandir(dir_fd) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
 class Flatten:
     """Markers delete what they name from the tree built so far (flattening layers).
 
@@ -266,16 +272,26 @@ class LayerMarkers:
         opened: on CVMFS that would fetch it). Files named in `also_hide` (bookkeeping of
         the layer store) are to be hidden too."""
         out = cls([], [], [])
-        stack = [""]
-        while stack:
-            rel = stack.pop()
-            with os.scandir(os.path.join(layer_dir, rel) if rel else layer_dir) as it:
-                entries = sorted(it, key=lambda e: e.name)
-            for entry in entries:
-                if entry.name.startswith(PREFIX):
-                    out.add(rel, entry.name)
-                elif entry.name in also_hide and not entry.is_dir(follow_symlinks=False):
-                    out.markers.append(_join(rel, entry.name))
-                elif entry.is_dir(follow_symlinks=False):
-                    stack.append(_join(rel, entry.name))
+        root_fd = os.open(layer_dir, fdtree.DIR_FLAGS)
+        try:
+            with fdtree.DirStack(root_fd) as stack:
+                pending = [iter(_dir_entries(stack.fd))]
+                while pending:
+                    entry = next(pending[-1], None)
+                    if entry is None:
+                        pending.pop()
+                        if pending:
+                            stack.pop()
+                        continue
+                    rel = "/".join(stack.names)
+                    if entry.name.startswith(PREFIX):
+                        out.add(rel, entry.name)
+                    elif entry.name in also_hide and not entry.is_dir(follow_symlinks=False):
+                        out.markers.append(_join(rel, entry.name))
+                    elif entry.is_dir(follow_symlinks=False):
+                        stack.push(entry.name)
+                        pending.append(iter(_dir_entries(stack.fd)))
+        finally:
+            os.close(root_fd)
+        out.markers.sort()
         return out

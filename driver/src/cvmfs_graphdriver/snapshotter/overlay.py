@@ -30,12 +30,11 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
-import stat
 import tempfile
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from .. import fdtree
 from .. import mounts as host_mounts
 from ..files import fsync_dir
 from .errdefs import FailedPrecondition, InvalidArgument, SnapshotterError
@@ -68,31 +67,29 @@ BLOCK_UNIT = 512  # st_blocks unit
 
 def disk_usage(root: str) -> Usage:
     """containerd's fs.DiskUsage: every inode under `root` (itself included, hard links
-    once) and its allocated blocks, without following symlinks."""
-    seen = set()
-    size = 0
-    stack = [root]
-    while stack:
-        path = stack.pop()
-        st = os.lstat(path)
-        key = (st.st_dev, st.st_ino)
-        if key not in seen:
-            seen.add(key)
-            size += st.st_blocks * BLOCK_UNIT
-        if stat.S_ISDIR(st.st_mode):
-            with os.scandir(path) as it:
-                stack.extend(e.path for e in it)
+    once) and its allocated blocks, without following symlinks, at any depth."""
+    fd = os.open(root, fdtree.DIR_FLAGS)
+    try:
+        st = os.fstat(fd)
+        seen = {(st.st_dev, st.st_ino)}
+        size = st.st_blocks * BLOCK_UNIT
+        for _, _, st in fdtree.walk(fd):
+            key = (st.st_dev, st.st_ino)
+            if key not in seen:
+                seen.add(key)
+                size += st.st_blocks * BLOCK_UNIT
+    finally:
+        os.close(fd)
     return Usage(size=size, inodes=len(seen))
 
 
 def _remove_tree(path: str) -> None:
-    def onerror(_func: Any, failed: str, exc: Any) -> None:
-        err = exc[1] if isinstance(exc, tuple) else exc
-        if isinstance(err, FileNotFoundError):
-            return
-        log.warning("failed to remove %s: %s", failed, err)
-
-    shutil.rmtree(path, onerror=onerror)
+    try:
+        fdtree.remove_tree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("failed to remove %s: %s", path, e)
 
 
 class OverlaySnapshotter:
