@@ -6,12 +6,14 @@ import functools
 import json
 import logging
 import os
+import re
 import socket
 import socketserver
 import stat
+import sys
 import traceback
 from http.server import BaseHTTPRequestHandler
-from typing import IO, Any, Callable, Dict, Optional, Union
+from typing import IO, Any, Callable, Dict, Optional, Union, cast
 from urllib.parse import parse_qs, urlsplit
 
 from .driver import DiffWriter, Driver
@@ -24,6 +26,17 @@ log = logging.getLogger(__name__)
 CONTENT_TYPE = "application/vnd.docker.plugins.v1+json"
 SD_LISTEN_FDS_START = 3
 READ_CHUNK = 1 << 20  # the most one read of a request body asks of the connection
+
+# What a request may be (issue 11). A request outside these is answered 4xx, naming why.
+# Every call but ApplyDiff carries JSON, a few hundred bytes from dockerd: 1 MiB is ample,
+# and nothing larger is read into memory.
+MAX_JSON_BODY = 1 << 20
+# A Content-Length or chunk size: what fits in an int64, as Go's net/http (dockerd) reads it.
+MAX_BODY_LENGTH = (1 << 63) - 1
+MAX_LINE = 4096  # a chunk-size line or a trailer line
+MAX_TRAILERS = 100  # as http.client's limit on header lines
+_DECIMAL = re.compile(r"[0-9]{1,19}")  # no sign, no spaces, no '_' (which int() accepts)
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")  # no sign, no '0x', no '_'
 
 
 class RequestError(DriverError):
@@ -61,25 +74,41 @@ class _Body:
 
 
 class ChunkedReader(_Body):
-    """A file-like reader of an HTTP/1.1 chunked body."""
+    """A file-like reader of an HTTP/1.1 chunked body, at most `limit` bytes of data if
+    given. Framing is checked as strictly as Go writes it: a chunk size is hexadecimal
+    digits, its data is followed by CRLF (anything else means the sizes do not match the
+    data, and the rest of the connection cannot be trusted)."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], limit: Optional[int] = None) -> None:
         super().__init__(raw)
+        self._limit = limit
+        self._total = 0
         self._left = 0
         self._done = False
 
+    def _line(self, what: str, ended: str) -> bytes:
+        line = self._raw.readline(MAX_LINE + 1)
+        if not line.endswith(b"\n"):
+            if len(line) > MAX_LINE:
+                raise self._fail(f"{what} is longer than {MAX_LINE} bytes")
+            raise self._fail(ended)
+        return line
+
     def _next_chunk(self) -> None:
-        line = self._raw.readline(1024)
-        if not line:
-            raise self._fail("request body ended before the last chunk (client went away?)")
-        try:
-            self._left = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise self._fail(f"malformed chunk header {line[:40]!r}") from None
+        line = self._line("a chunk-size line",
+                          "request body ended before the last chunk (client went away?)")
+        size = line.split(b";", 1)[0].strip()
+        if not _HEX.fullmatch(size) or int(size, 16) > MAX_BODY_LENGTH:
+            raise self._fail(f"malformed chunk header {line[:40]!r}: a chunk size is "
+                             f"hexadecimal digits, at most {MAX_BODY_LENGTH:x}")
+        self._left = int(size, 16)
         if self._left == 0:
-            while self._raw.readline(1024) not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            self._done = True
+            for _ in range(MAX_TRAILERS + 1):
+                if self._line("a trailer line", "request body ended inside its trailers "
+                              "(client went away?)") in (b"\r\n", b"\n"):
+                    self._done = True
+                    return
+            raise self._fail(f"request body has more than {MAX_TRAILERS} trailer lines")
 
     def read(self, n: int = -1) -> bytes:
         self._check()
@@ -88,14 +117,23 @@ class ChunkedReader(_Body):
             if self._left == 0:
                 self._next_chunk()
                 continue
-            want = self._left if n < 0 else min(self._left, n - len(out))
+            want = min(self._left, READ_CHUNK if n < 0 else n - len(out))
             data = self._raw.read(want)
             if not data:
                 raise self._fail("request body ended inside a chunk (client went away?)")
+            self._total += len(data)
+            if self._limit is not None and self._total > self._limit:
+                raise self._fail(f"request body is larger than {self._limit} bytes, the most "
+                                 "this call takes", 413)
             out += data
             self._left -= len(data)
             if self._left == 0:
-                self._raw.readline(8)  # CRLF after the chunk data
+                end = self._raw.readline(3)
+                if end not in (b"\r\n", b"\n"):
+                    raise self._fail(
+                        "request body ended inside a chunk (client went away?)" if not end
+                        else "chunk data is not followed by CRLF: the chunk sizes do not "
+                        "match the data")
         return bytes(out)
 
 
@@ -150,28 +188,47 @@ class Request:
     """One plugin call: its query, its body, and its fields, checked as they are read
     (layer ids are validated here, once, where they enter the daemon)."""
 
-    def __init__(self, method: str, query: str, body: Any) -> None:
+    def __init__(self, method: str, query: str, body: _Body) -> None:
         self.method = method
         self.query = parse_qs(query)
-        self.body = body  # ChunkedReader or LengthReader
+        self.body = body
         self._json: Optional[Dict[str, Any]] = None
 
     def json(self) -> Dict[str, Any]:
         if self._json is None:
-            raw = self.body.read()
+            raw = self.body.read(MAX_JSON_BODY + 1)
+            if len(raw) > MAX_JSON_BODY:
+                raise RequestError(f"{self.method}: request body is larger than "
+                                   f"{MAX_JSON_BODY} bytes, the most a call's JSON may be", 413)
             try:
                 doc = json.loads(raw) if raw.strip() else {}
-            except ValueError:
-                raise DriverError(f"{self.method}: request body is not JSON") from None
+            except ValueError as e:
+                raise RequestError(f"{self.method}: request body is not JSON ({e})") from None
+            except RecursionError:
+                raise RequestError(f"{self.method}: request body nests JSON too deeply") \
+                    from None
             if not isinstance(doc, dict):
-                raise DriverError(f"{self.method}: request body must be a JSON object")
+                raise RequestError(f"{self.method}: request body must be a JSON object, not "
+                                   f"{_json_type(doc)}")
             self._json = doc
         return self._json
 
     def text(self, key: str) -> str:
-        value = self.json().get(key) or ""
+        """A string field ("" when absent or null)."""
+        value = self.json().get(key)
+        if value is None:
+            return ""
         if not isinstance(value, str):
-            raise DriverError(f"{self.method}: request field {key} must be a string")
+            raise RequestError(f"{self.method}: request field {key} must be a string, not "
+                               f"{_json_type(value)}")
+        return value
+
+    def optional(self, key: str, kind: type) -> Any:
+        """A field that is absent, null, or of `kind` (dict: a JSON object, list: an array)."""
+        value = self.json().get(key)
+        if value is not None and not isinstance(value, kind):
+            raise RequestError(f"{self.method}: request field {key} must be "
+                               f"{_json_type(kind())} or null, not {_json_type(value)}")
         return value
 
     def layer(self, key: str = "ID") -> LayerId:
@@ -192,6 +249,15 @@ class Request:
             raise DriverError(f"{self.method}: {e}") from None
 
 
+def _json_type(value: object) -> str:
+    """What a JSON value is, as a message names it."""
+    if isinstance(value, bool):
+        return "true/false"
+    names = {dict: "an object", list: "an array", str: "a string", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 Result = Union[Dict[str, Any], DiffWriter]
 Route = Callable[[Driver, Request], Result]
 
@@ -204,6 +270,8 @@ def _done(action: Callable[[], object]) -> Dict[str, Any]:
 def _exists(d: Driver, r: Request) -> Dict[str, Any]:
     try:
         layer = r.layer()
+    except RequestError:
+        raise  # not a request dockerd sends
     except DriverError:
         return {"Exists": False}  # a name that can never be a layer
     return {"Exists": d.exists(layer)}
@@ -213,20 +281,22 @@ def _apply_diff(d: Driver, r: Request) -> Dict[str, Any]:
     layer = r.query_layer("id")
     if layer is None:
         raise DriverError("ApplyDiff: the query names no layer (id=...)")
-    return {"Size": d.apply_diff(layer, r.query_layer("parent"), r.body)}
+    # The body is read as a byte stream (read(n)), all that apply_diff asks of it.
+    return {"Size": d.apply_diff(layer, r.query_layer("parent"), cast(IO[bytes], r.body))}
 
 
 # The GraphDriver calls; the VolumeDriver calls are volumes.VOLUME_ROUTES, and
 # Plugin.Activate names the faces a server has (PluginServer.routes).
 ROUTES: Dict[str, Route] = {
     "GraphDriver.Init": lambda d, r: _done(lambda: d.init(
-        r.text("Home"), r.json().get("Opts"), r.json().get("UIDMaps"), r.json().get("GIDMaps"))),
+        r.text("Home"), r.optional("Opts", list), r.optional("UIDMaps", list),
+        r.optional("GIDMaps", list))),
     "GraphDriver.Capabilities": lambda d, r: {"Capabilities": {"ReproducesExactDiffs": False}},
     "GraphDriver.Create": lambda d, r: _done(lambda: d.create(
-        r.layer(), r.parent(), r.text("MountLabel"), r.json().get("StorageOpt"),
+        r.layer(), r.parent(), r.text("MountLabel"), r.optional("StorageOpt", dict),
         read_write=False)),
     "GraphDriver.CreateReadWrite": lambda d, r: _done(lambda: d.create(
-        r.layer(), r.parent(), r.text("MountLabel"), r.json().get("StorageOpt"),
+        r.layer(), r.parent(), r.text("MountLabel"), r.optional("StorageOpt", dict),
         read_write=True)),
     "GraphDriver.Remove": lambda d, r: _done(lambda: d.remove(r.layer())),
     "GraphDriver.Get": lambda d, r: {"Dir": d.get(r.layer(), r.text("MountLabel"))},
@@ -242,6 +312,9 @@ ROUTES: Dict[str, Route] = {
     "GraphDriver.DiffSize": lambda d, r: {"Size": d.diff_size(r.layer(), r.parent())},
     "GraphDriver.ApplyDiff": _apply_diff,
 }
+# Calls whose body is data, streamed to the call as it arrives (a layer tar, as large as
+# the layer), not JSON.
+STREAMED_BODIES = frozenset({"GraphDriver.ApplyDiff"})
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -251,30 +324,71 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
         log.debug("http: " + format, *args)
 
+    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
+        log.warning("http: " + format, *args)
+
     def address_string(self) -> str:
         return "unix"
 
     # ---------------------------------------------------------------- responses
 
-    def _json(self, body: Dict[str, Any], status: int = 200) -> None:
+    def _json(self, body: Dict[str, Any], status: int = 200,
+              headers: Optional[Dict[str, str]] = None) -> None:
         data = (json.dumps(body) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         if self.close_connection:  # tell a keep-alive client not to reuse this connection
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
-    def _error(self, message: str, status: int = 200) -> None:
-        self._json({"Err": message}, status)
+    def _error(self, message: str, status: int = 200,
+               headers: Optional[Dict[str, str]] = None) -> None:
+        self._json({"Err": message}, status, headers)
+
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        """The standard library's own refusals (a malformed request line or headers, a
+        line too long): answered as every error here is, {"Err": ...}, which dockerd's
+        plugin client shows, and the connection closed (what follows cannot be read)."""
+        text = message or self.responses.get(code, ("refused",))[0]
+        self.log_error("code %d, message %s", code, text)
+        self.close_connection = True
+        if getattr(self, "request_version", "") == "HTTP/0.9":
+            # A garbled request line reads as HTTP/0.9, which has no status line: answer
+            # as HTTP/1.0 so that the client sees the status and the reason.
+            self.request_version = "HTTP/1.0"
+        self._error(text, code, {"Allow": "POST"} if code == 405 else None)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.command != "POST":
+            self.send_error(405, f"{self.command[:20]!r} is not a plugin call: calls are "
+                            "POST /<Plugin.Method> with a JSON body")
+            return False
+        return True
 
     # ---------------------------------------------------------------- dispatch
 
     def do_POST(self) -> None:  # noqa: N802 (http.server naming)
-        url = urlsplit(self.path)
+        try:
+            url = urlsplit(self.path)
+        except ValueError as e:  # "//[x": Pythons without the gh-87389 fix keep the "//"
+            self.send_error(400, f"request target {self.path[:80]!r} is not a path: {e}")
+            return
         method = url.path.lstrip("/")
-        req = Request(method, url.query, self._body_reader())
+        try:
+            body = self._body_reader(method)
+        except RequestError as e:
+            self.close_connection = True  # the body's end is not known: nothing after it is
+            log.warning("%s refused (%d): %s", method, e.status, e)
+            self._error(f"{method}: {e}", e.status)
+            return
+        req = Request(method, url.query, body)
         route = self.server.routes.get(method)
         if route is None:
             self._finish_body(req)
@@ -301,7 +415,9 @@ class Handler(BaseHTTPRequestHandler):
         broken = req.body.error or (e if isinstance(e, RequestError) else None)
         if broken is not None:
             status = broken.status
-            message = str(e) if isinstance(e, DriverError) else str(broken)
+            # The call's own message, which names the layer, when it made one of it.
+            message = str(e) if isinstance(e, DriverError) and e is not req.body.error \
+                else f"{method}: {broken}"
             log.warning("%s refused (%d): %s", method, status, message)
         elif isinstance(e, DriverError):
             status, message = 200, str(e)
@@ -323,10 +439,37 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:
             self.close_connection = True  # the rest of the body is unread
 
-    def _body_reader(self) -> Any:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return ChunkedReader(self.rfile)  # type: ignore[arg-type]
-        length = int(self.headers.get("Content-Length") or 0)
+    def _body_reader(self, method: str) -> _Body:
+        """The request's body as its headers frame it, checked before a byte of it is
+        read: plain (Content-Length) or chunked, nothing else, and no larger than the
+        call takes. RequestError names what is wrong."""
+        limit = None if method in STREAMED_BODIES else MAX_JSON_BODY
+        encodings = self.headers.get_all("Transfer-Encoding") or []
+        lengths = [v.strip() for v in self.headers.get_all("Content-Length") or []]
+        if encodings:
+            codings = [c.strip().lower() for v in encodings for c in v.split(",") if c.strip()]
+            if not codings:
+                raise RequestError("empty Transfer-Encoding header")
+            if codings != ["chunked"]:
+                raise RequestError(f"Transfer-Encoding {', '.join(codings)[:80]!r} is not "
+                                   "supported: a body is sent chunked or with a "
+                                   "Content-Length", 501)
+            if lengths:
+                # RFC 9112 6.3: a request smuggling attempt, or a broken client.
+                raise RequestError("both Transfer-Encoding and Content-Length: a body is "
+                                   "framed by one of them")
+            return ChunkedReader(self.rfile, limit)  # type: ignore[arg-type]
+        if len(set(lengths)) > 1:
+            raise RequestError(f"conflicting Content-Length headers: "
+                               f"{', '.join(lengths)[:80]!r}")
+        raw = lengths[0] if lengths else "0"
+        if not _DECIMAL.fullmatch(raw) or int(raw) > MAX_BODY_LENGTH:
+            raise RequestError(f"Content-Length {raw[:40]!r} is not a byte count (decimal "
+                               f"digits, at most {MAX_BODY_LENGTH})")
+        length = int(raw)
+        if limit is not None and length > limit:
+            raise RequestError(f"a request body of {length} bytes is larger than {limit}, "
+                               "the most a call's JSON may be", 413)
         return LengthReader(self.rfile, length)  # type: ignore[arg-type]
 
     def _stream(self, method: str, write: DiffWriter) -> None:
@@ -368,6 +511,16 @@ class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         if volumes is not None:
             self.routes.update({m: functools.partial(route, volumes)
                                 for m, route in VOLUME_ROUTES.items()})
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed outside a call's own handling (the stdlib's default
+        prints to stderr): one line for a client gone away, the traceback otherwise. The
+        server serves on either way."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.info("connection ended: %s", error)
+        else:
+            log.error("connection failed unexpectedly:\n%s", traceback.format_exc())
 
 
 def activated_socket() -> Optional[socket.socket]:

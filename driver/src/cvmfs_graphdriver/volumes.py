@@ -217,7 +217,10 @@ class Volumes:
         return path
 
     def unmount(self, name: object, mount_id: object) -> None:
-        repo = self._name("VolumeDriver.Unmount", name)
+        call = "VolumeDriver.Unmount"
+        repo = self._name(call, name)
+        if not isinstance(mount_id, str):
+            raise DriverError(f"{call}: volume {repo}: invalid mount ID {mount_id!r}")
         with self._changing():
             entry = self._volumes.get(repo)
             if entry is None or mount_id not in entry["Mounts"]:

@@ -381,3 +381,115 @@ def test_body_broken_after_the_end_of_the_tar_leaves_no_layer(inited, tmp_path):
                                + b"%x\r\n" % len(data) + data + b"\r\n")
     assert status == 400 and "before the last chunk" in body["Err"]
     assert_no_layer_and_still_serving(inited, layer, tmp_path)
+
+
+def post(method: str, framing: str, body: bytes = b"") -> bytes:
+    return (f"POST /{method} HTTP/1.1\r\nHost: plugin\r\n{framing}\r\n\r\n").encode() + body
+
+
+def assert_refused(answer, status: int, *words: str) -> None:
+    got, headers, body = answer
+    assert got == status, body
+    assert headers.get("content-type") == "application/vnd.docker.plugins.v1+json"
+    for word in words:
+        assert word in body["Err"], body["Err"]
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "+2", "1e3", "0x10", "1_0", "", "2 2",
+                                   "9223372036854775808", "9" * 40, "\uff12"])
+def test_a_malformed_content_length_is_answered_400_naming_it(inited, value, tmp_path):
+    """Finding 7: a Content-Length int() cannot read dropped the connection unanswered;
+    one it could ('-1', '1_0', '+2') framed the body wrongly (the rest became the next
+    request); a huge one made a 500. Each is a 400 naming the header, and the server
+    serves on (the caller's own keep-alive connection too)."""
+    layer = new_id()
+    inited.call("GraphDriver.Create", {"ID": layer})
+    framing = "Content-Length: " + value
+    for method in ("GraphDriver.Exists", f"GraphDriver.ApplyDiff?id={layer}"):
+        status, headers, body = exchange(inited.path, post(method, framing, b"{}"))
+        assert status == 400 and "Content-Length" in body["Err"], body
+        assert headers.get("connection") == "close"
+    assert os.listdir(tmp_path / "home" / layer / "diff") == []  # nothing was applied
+    assert inited.apply_diff(layer, "", TarBuilder().file("ok", b"ok").bytes()) == {"Size": 2}
+
+
+@pytest.mark.parametrize("framing, status, words", [
+    ("Transfer-Encoding: gzip, chunked", 501, "Transfer-Encoding 'gzip, chunked'"),
+    ("Transfer-Encoding: chunked\r\nContent-Length: 2", 400, "both Transfer-Encoding and"),
+    ("Content-Length: 2\r\nContent-Length: 3", 400, "conflicting Content-Length"),
+    (f"Content-Length: {(1 << 20) + 1}", 413, "larger than 1048576"),
+])
+def test_unframeable_or_oversized_bodies_are_refused_before_reading_them(inited, framing,
+                                                                        status, words):
+    """No byte of such a body is read (the answer comes while the client still holds it)."""
+    answer = exchange(inited.path, post("GraphDriver.Exists", framing), half_close=False)
+    assert_refused(answer, status, "GraphDriver.Exists", words)
+    assert answer[1].get("connection") == "close"
+    assert inited.call("GraphDriver.Exists", {"ID": new_id()}) == {"Exists": False}
+
+
+@pytest.mark.parametrize("chunks, status, words", [
+    (b"-2\r\n{}\r\n0\r\n\r\n", 400, "malformed chunk header"),  # read to the end before
+    (b"0x2\r\n{}\r\n0\r\n\r\n", 400, "malformed chunk header"),
+    (b"FFFFFFFFFFFFFFFFF\r\n{}\r\n0\r\n\r\n", 400, "malformed chunk header"),  # MemoryError
+    (b"1\r\n{}\r\n0\r\n\r\n", 400, "not followed by CRLF"),
+    (b"100001\r\n" + b" " * 0x100001 + b"\r\n0\r\n\r\n", 413, "larger than 1048576"),
+])
+def test_malformed_or_oversized_chunked_bodies_are_answered_naming_the_problem(
+        inited, chunks, status, words):
+    answer = exchange(inited.path, post("GraphDriver.Exists", "Transfer-Encoding: chunked",
+                                        chunks))
+    assert_refused(answer, status, "GraphDriver.Exists", words)
+    assert answer[1].get("connection") == "close"
+    assert inited.call("GraphDriver.Exists", {"ID": new_id()}) == {"Exists": False}
+
+
+@pytest.mark.parametrize("method, body, words", [
+    ("GraphDriver.Create", b"[]", "must be a JSON object, not an array"),
+    ("GraphDriver.Create", b"null", "must be a JSON object, not null"),
+    ("GraphDriver.Create", b"{nope", "is not JSON"),
+    ("GraphDriver.Create", b'{"ID": "\xff"}', "is not JSON"),
+    ("GraphDriver.Create", b"[" * 200_000, "nests JSON too deeply"),  # was a 500
+    ("GraphDriver.Create", b'{"ID": 42}', "field ID must be a string, not a number"),
+    ("GraphDriver.Get", b'{"ID": "%s", "MountLabel": []}' % new_id().encode(),
+     "field MountLabel must be a string, not an array"),
+    ("GraphDriver.Exists", b'{"ID": {"a": 1}}', "field ID must be a string, not an object"),
+    ("GraphDriver.Create", b'{"ID": "%s", "StorageOpt": 5}' % new_id().encode(),  # was a 500
+     "field StorageOpt must be an object or null, not a number"),
+    ("GraphDriver.CreateReadWrite", b'{"ID": "%s", "StorageOpt": ["size"]}' % new_id().encode(),
+     "field StorageOpt must be an object or null, not an array"),
+    ("GraphDriver.Init", b'{"Home": "/tmp/x", "Opts": "size=1G"}',
+     "field Opts must be an array or null, not a string"),
+    ("GraphDriver.Init", b'{"Home": "/tmp/x", "UIDMaps": true}',
+     "field UIDMaps must be an array or null, not true/false"),
+])
+def test_json_bodies_of_the_wrong_shape_are_answered_400_naming_the_field(inited, method,
+                                                                        body, words):
+    """Finding 7: such bodies made 500s (a TypeError, a RecursionError) or a 200 error; a
+    request that cannot be what dockerd sends is a 400 that says what is wrong. The
+    connection stays usable: the body was read to its end."""
+    c = inited
+    c.conn.request("POST", f"/{method}", body=body,
+                   headers={"Content-Length": str(len(body))})
+    resp = c.conn.getresponse()
+    err = json.loads(resp.read())["Err"]
+    assert resp.status == 400 and method in err and words in err, (resp.status, err)
+    assert resp.getheader("Connection") != "close"
+    assert c.call("GraphDriver.Exists", {"ID": new_id()}) == {"Exists": False}
+
+
+@pytest.mark.parametrize("request_line, status, words", [
+    (b"GET /GraphDriver.Exists HTTP/1.1", 405, "'GET' is not a plugin call"),
+    (b"DELETE /GraphDriver.Remove HTTP/1.1", 405, "'DELETE' is not a plugin call"),
+    (b"garbage", 400, "Bad request syntax"),
+    (b"POST /x HTTP/9.9", 505, "Invalid HTTP version"),
+])
+def test_requests_that_are_not_plugin_calls_are_answered_as_errors(inited, request_line,
+                                                                 status, words):
+    """The standard library's own refusals come as dockerd reads errors ({"Err": ...}),
+    with a status line even for a request line too garbled to name an HTTP version."""
+    answer = exchange(inited.path, request_line + b"\r\nHost: plugin\r\n\r\n")
+    assert_refused(answer, status, words)
+    if status == 405:
+        assert answer[1].get("allow") == "POST"
+    assert inited.call("GraphDriver.Exists", {"ID": new_id()}) == {"Exists": False}

@@ -64,6 +64,20 @@ def test_bare_lf_line_endings_are_tolerated():
         (b"5\r\nhello\r\n", "before the last chunk"),
         (b"", "before the last chunk"),
         (b"zz\r\nhello\r\n0\r\n\r\n", "malformed chunk header"),
+        # int(x, 16) took these: a negative size read the connection to its end, a
+        # huge one asked for that much memory, '0x'/'_'/'+' are no HTTP chunk sizes
+        (b"-5\r\nhello\r\n0\r\n\r\n", "malformed chunk header"),
+        (b"0x5\r\nhello\r\n0\r\n\r\n", "malformed chunk header"),
+        (b"+5\r\nhello\r\n0\r\n\r\n", "malformed chunk header"),
+        (b"0_5\r\nhello\r\n0\r\n\r\n", "malformed chunk header"),
+        (b"\r\nhello\r\n0\r\n\r\n", "malformed chunk header"),
+        (b"1" * 17 + b"\r\nhello\r\n0\r\n\r\n", "malformed chunk header"),
+        (b"5;" + b"x" * 5000 + b"\r\nhello\r\n0\r\n\r\n", "longer than 4096 bytes"),
+        # sizes that do not match the data: the rest cannot be read as anything
+        (b"3\r\nhello\r\n0\r\n\r\n", "not followed by CRLF"),
+        (b"5\r\nhello", "inside a chunk"),
+        (b"5\r\nhello\r\n0\r\n", "inside its trailers"),
+        (b"0\r\n" + b"X-T: 1\r\n" * 101 + b"\r\n", "more than 100 trailer lines"),
     ],
 )
 def test_truncated_or_malformed_bodies_are_errors(raw, words):
@@ -116,3 +130,13 @@ def test_chunked_reader_without_the_last_chunk_stays_failed():
     assert "before the last chunk" in str(e.value) and reader.error is e.value
     with pytest.raises(DriverError):
         reader.drain()
+
+
+def test_chunked_body_over_its_limit_is_refused_413():
+    stream = io.BufferedReader(io.BytesIO(b"4\r\nabcd\r\n4\r\nefgh\r\n0\r\n\r\n"))
+    assert ChunkedReader(stream, limit=8).read() == b"abcdefgh"
+    reader = ChunkedReader(io.BufferedReader(io.BytesIO(b"4\r\nabcd\r\n5\r\nefghi\r\n0\r\n\r\n")),
+                           limit=8)
+    with pytest.raises(DriverError) as e:
+        reader.read()
+    assert "larger than 8 bytes" in str(e.value) and reader.error.status == 413

@@ -173,6 +173,16 @@ def test_mount_serves_only_the_repository_directory_itself(vsock, root):
     assert "invalid mount ID" in err
 
 
+@pytest.mark.parametrize("mount_id", [["a" * 64], {"a": 1}, 5, None])
+def test_unmount_with_a_mount_id_that_is_not_a_string_is_refused(vsock, mount_id):
+    """(issue 11, finding 7) A list or an object as the ID made a 500 (unhashable)."""
+    call(vsock, "VolumeDriver.Create", {"Name": "test.repo"})
+    err = call(vsock, "VolumeDriver.Unmount", {"Name": "test.repo", "ID": mount_id})["Err"]
+    assert "VolumeDriver.Unmount: volume test.repo: invalid mount ID" in err
+    assert call(vsock, "VolumeDriver.Get", {"Name": "test.repo"})["Volume"]["Name"] == \
+        "test.repo"
+
+
 def test_allow_list_is_checked_again_at_mount(root, state):
     Volumes(root, ALLOWED, state).create("test.repo", None)
     later = Volumes(root, ("ducc.repo",), state)  # test.repo dropped from the list
