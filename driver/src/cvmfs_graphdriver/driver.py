@@ -553,9 +553,14 @@ class Driver:
 
 def _apply(layer_id: LayerId, stream: IO[bytes], root: str,
            converter: whiteouts.Converter) -> archive.ApplyResult:
-    """archive.apply_tar, its failures worded for the user with the layer named."""
+    """archive.apply_tar, its failures worded for the user with the layer named. The
+    stream is read to its end: a body that breaks after the tar's end-of-archive (the
+    client went away, a chunked body without its last chunk) is no complete layer."""
     try:
-        return archive.apply_tar(stream, root, converter)
+        result = archive.apply_tar(stream, root, converter)
+        while stream.read(1 << 20):
+            pass  # padding after the end-of-archive blocks, as tar writers add
+        return result
     except DriverError as e:
         raise DriverError(f"layer {layer_id}: {e}") from None
     except OSError as e:
