@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import stat
@@ -31,7 +32,10 @@ from typing import Collection, Dict, FrozenSet, Iterable, List, Optional, Sequen
 
 from . import whiteouts
 from .errors import DriverError
+from .files import NotReadable, read_regular
 from .whiteouts import LayerMarkers
+
+log = logging.getLogger(__name__)
 
 DESCRIPTOR_NAME = "thin.json"
 SUPPORTED_MAJOR = "1"
@@ -218,7 +222,7 @@ def descriptor_in(layer_dir: str, allowed: Iterable[str]) -> Optional[Descriptor
     A thin layer holds `thin.json` and nothing else (so a regular image that happens to
     ship a /thin.json among its files stays a regular image). Raises DescriptorError for
     a descriptor this node must not use. Never opens anything but a regular file (a FIFO
-    would block the pull, a device has effects).
+    would block the pull, a device has effects: files.read_regular).
     """
     with os.scandir(layer_dir) as it:
         names = [e.name for e in itertools.islice(it, 2)]
@@ -226,29 +230,22 @@ def descriptor_in(layer_dir: str, allowed: Iterable[str]) -> Optional[Descriptor
         return None
     path = os.path.join(layer_dir, DESCRIPTOR_NAME)
     try:
-        st = os.lstat(path)
+        if whiteouts.is_whiteout(os.lstat(path)):
+            return None  # this layer deletes /thin.json: it is no descriptor
+        data = read_regular(path, MAX_DESCRIPTOR_BYTES)
     except FileNotFoundError:
         return None
-    if whiteouts.is_whiteout(st):
-        return None  # this layer deletes /thin.json: it is no descriptor
-    if not stat.S_ISREG(st.st_mode):
-        raise DescriptorError("thin.json is not a regular file")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as e:
-        raise DescriptorError(f"thin.json cannot be read: {e}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise DescriptorError("thin.json is not a regular file")
-        data = f.read(MAX_DESCRIPTOR_BYTES + 1)
+    except NotReadable as e:
+        raise DescriptorError(f"thin.json {e}") from None
     return parse_descriptor(data, allowed)
 
 
 def read_layer_metadata(cvmfs_root: str, layer: ThinLayer, real_dir: str,
                         name: str) -> Optional[bytes]:
-    """A file of a published layer's `.metadata/` (None if there is none), read only if
-    it is a regular file inside the layer's repository: opened non-blocking (a FIFO there
-    must not hang the daemon), at most MAX_METADATA_BYTES."""
+    """A file of a published layer's `.metadata/` (None if there is none, or none that
+    can be used), read only if it is a regular file inside the layer's repository, at
+    most MAX_METADATA_BYTES (files.read_regular: a FIFO there must not hang the daemon,
+    a symlink is not followed)."""
     if os.path.basename(real_dir) != "layerfs":
         return None
     path = os.path.join(os.path.dirname(real_dir), METADATA_DIR, name)
@@ -256,14 +253,12 @@ def read_layer_metadata(cvmfs_root: str, layer: ThinLayer, real_dir: str,
     if not os.path.realpath(path).startswith(real_repo + os.sep):
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        return read_regular(path, MAX_METADATA_BYTES)
+    except FileNotFoundError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = f.read(MAX_METADATA_BYTES + 1)
-    return data if len(data) <= MAX_METADATA_BYTES else None
+    except NotReadable as e:
+        log.warning("ignoring %s/%s of %s: it %s", METADATA_DIR, name, layer.url, e)
+        return None
 
 
 def published_diff_id(cvmfs_root: str, layer: ThinLayer, real_dir: str) -> Optional[str]:

@@ -157,8 +157,9 @@ class Volumes:
         """The repository's directory, made present and checked to be exactly it."""
         wanted = self._path(repo)
         try:
-            # Opening (not stat) makes autofs mount the repository.
-            fd = os.open(wanted, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            # Opening (not stat) makes autofs mount the repository. Only as a directory:
+            # O_DIRECTORY refuses anything else before opening it (a FIFO would block).
+            fd = os.open(wanted, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC)
             os.close(fd)
         except OSError as e:
             what = "is not a directory" if e.errno == errno.ENOTDIR else e.strerror

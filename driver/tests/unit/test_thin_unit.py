@@ -11,9 +11,12 @@ The "repository" here is a plain temporary directory tree.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import stat
+import threading
 
 import pytest
 
@@ -449,3 +452,111 @@ def test_a_scan_also_hides_cvmfs_bookkeeping_files(tmp_path):
     assert sorted(m.markers) == [".cvmfscatalog", "a/.cvmfscatalog", "a/.wh.x"]
     assert m.deleted == ["a/x"] and m.opaque == []
     assert LayerMarkers.scan(str(root)).markers == ["a/.wh.x"]
+
+
+
+# ---------------------------------------------------------------------------- repository files
+# (issue 11, finding 8) Files the daemon reads from a repository (a layer's .metadata/,
+# which the snapshotter's lazy pulls and the graph driver's masks use) and from a layer's
+# diff (thin.json) are read only as regular files: never a FIFO (its open would block
+# the daemon), a device, a directory, or through a symlink; at most their size cap.
+
+HANG_SECONDS = 5
+
+
+def returns_promptly(action, fifos):
+    """`action()`, failing (after releasing it) if it blocks on opening one of `fifos`."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = action()
+        except BaseException as e:  # re-raised in the test's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(HANG_SECONDS)
+    if t.is_alive():
+        for fifo in fifos:
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(30)
+        pytest.fail(f"hung for {HANG_SECONDS} s opening a FIFO")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+NOT_FILES = ["fifo", "symlink", "directory", "device", "oversized"]
+
+
+def not_a_file(kind: str, path: str, inside: str, content: bytes) -> None:
+    """Put something that is not a usable regular file at `path`; a symlink points at a
+    regular file with `content` inside the repository `inside`."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        target = os.path.join(inside, "elsewhere.json")
+        with open(target, "wb") as f:
+            f.write(content)
+        os.symlink(target, path)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("mknod of a device needs root")
+        os.mknod(path, stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    elif kind == "oversized":
+        with open(path, "wb") as f:
+            f.write(content)
+            f.truncate(thin.MAX_METADATA_BYTES + 1)
+
+
+DIFF_ID = "sha256:" + HEX2
+ORIGIN = json.dumps({"diff_id": DIFF_ID}).encode()
+
+
+@pytest.fixture
+def layerfs(cvmfs_root) -> str:
+    return os.path.join(cvmfs_root, "test.repo", ".layers", HEX[:2], HEX, "layerfs")
+
+
+def origin_path(layerfs: str) -> str:
+    meta = os.path.join(os.path.dirname(layerfs), thin.METADATA_DIR)
+    os.makedirs(meta, exist_ok=True)
+    return os.path.join(meta, thin.ORIGIN_FILE)
+
+
+def test_a_published_diff_id_is_read_from_a_regular_origin_file(cvmfs_root, layerfs):
+    with open(origin_path(layerfs), "wb") as f:
+        f.write(ORIGIN)
+    got = thin.published_diff_id(cvmfs_root, layer(thin.layer_path(HEX)), layerfs)
+    assert got == DIFF_ID
+
+
+@pytest.mark.parametrize("kind", NOT_FILES)
+def test_an_origin_file_that_is_not_a_regular_file_is_not_read(cvmfs_root, layerfs, kind,
+                                                               caplog):
+    """What the snapshotter's lazy pulls check a layer against (remote.is_the_layer):
+    none, so containerd downloads the layer; the daemon goes on at once."""
+    path = origin_path(layerfs)
+    not_a_file(kind, path, os.path.join(cvmfs_root, "test.repo"), ORIGIN)
+    got = returns_promptly(
+        lambda: thin.published_diff_id(cvmfs_root, layer(thin.layer_path(HEX)), layerfs),
+        [path])
+    assert got is None
+    assert f"ignoring .metadata/origin.json of cvmfs://test.repo/{thin.layer_path(HEX)}: it " \
+        in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "device", "oversized"])
+def test_a_thin_json_that_is_not_a_regular_file_is_refused(tmp_path, kind):
+    diff = tmp_path / "diff"
+    diff.mkdir()
+    path = str(diff / thin.DESCRIPTOR_NAME)
+    good = doc(url_layer("a"))
+    not_a_file(kind, path, str(tmp_path), good)  # a symlink: to a valid descriptor
+    with pytest.raises(thin.DescriptorError) as e:
+        returns_promptly(lambda: thin.descriptor_in(str(diff), ALLOWED), [path])
+    assert str(e.value).startswith("thin.json is ")

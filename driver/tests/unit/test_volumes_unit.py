@@ -183,6 +183,35 @@ def test_unmount_with_a_mount_id_that_is_not_a_string_is_refused(vsock, mount_id
         "test.repo"
 
 
+@pytest.mark.parametrize("kind", ["fifo", "file"])
+def test_a_repository_that_is_not_a_directory_is_refused_at_once(root, state, kind):
+    """(issue 11, finding 8) A FIFO where the repository should be is never opened as a
+    file: its open would block the daemon until someone writes to it."""
+    path = os.path.join(root, "odd.repo")
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        with open(path, "w") as f:
+            f.write("x")
+    vols = Volumes(root, ALLOWED + ("odd.repo",), state)
+    out = {}
+
+    def mount() -> None:
+        try:
+            vols.mount("odd.repo", "f" * 64)
+        except Exception as e:  # the expected refusal, checked below
+            out["error"] = e
+
+    t = threading.Thread(target=mount, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # release it
+        pytest.fail("Mount hung opening a FIFO")
+    assert "CVMFS repository odd.repo is not available" in str(out["error"])
+    assert "is not a directory" in str(out["error"])
+
+
 def test_allow_list_is_checked_again_at_mount(root, state):
     Volumes(root, ALLOWED, state).create("test.repo", None)
     later = Volumes(root, ("ducc.repo",), state)  # test.repo dropped from the list
