@@ -368,11 +368,10 @@ def test_chunked_body_without_its_last_chunk_fails_and_leaves_no_layer(inited, t
     assert_no_layer_and_still_serving(inited, layer, tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="driver.apply_diff completes the layer when the tar "
-                   "ends, before the body is known to be complete: a body that breaks after "
-                   "the tar's end is answered with an error but leaves a complete layer "
-                   "(fix in driver.py: read the stream to its end before removing .applying)")
 def test_body_broken_after_the_end_of_the_tar_leaves_no_layer(inited, tmp_path):
+    """The tar ends well before the body does, and the body then breaks: the layer is
+    complete only once the whole body has arrived (driver.apply_diff reads it to its end
+    before removing .applying)."""
     layer = new_id()
     inited.call("GraphDriver.Create", {"ID": layer})
     data, _ = two_file_tar()
