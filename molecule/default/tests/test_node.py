@@ -10,6 +10,9 @@ import time
 
 import pytest
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "common"))
+from hardening import assert_hardened  # noqa: E402
+
 BUSYBOX = "busybox:molecule"
 
 
@@ -90,8 +93,10 @@ def test_driver_units(host):
     assert "Type=notify" in unit and "Restart=on-failure" in unit
     for forbidden in ("PrivateTmp", "ProtectSystem", "MountFlags", "PrivateMounts"):
         assert f"\n{forbidden}=" not in unit
-    deps = run_ok(host, "systemctl", "show", "-p", "Requires", "-p", "After", "docker.service")
-    assert "cvmfs-graphdriver.socket" in deps
+
+
+def test_the_daemon_is_hardened_and_reachable_by_root_only(host):
+    assert_hardened(host, ["cvmfs-graphdriver.service"], ["/run/docker/plugins/cvmfs.sock"])
 
 
 def test_docker_uses_the_cvmfs_storage_driver(host):

@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "common"))
+from hardening import assert_hardened  # noqa: E402
 
 EPHEMERAL = os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY", "")
 REGISTRY_DIR = os.path.join(EPHEMERAL, "registry")
@@ -62,6 +66,11 @@ def test_docker_runs_on_the_containerd_store_with_the_cvmfs_snapshotter(host):
     assert not host.file("/etc/systemd/system/cvmfs-graphdriver.socket").exists
     assert not host.file("/etc/systemd/system/docker.service.d/10-cvmfs-graphdriver.conf").exists
     assert host.file("/etc/systemd/system/containerd.service.d/10-cvmfs-snapshotter.conf").exists
+
+
+def test_the_snapshotter_is_hardened_and_reachable_by_root_only(host):
+    assert_hardened(host, ["cvmfs-graphdriver-snapshotter.service"],
+                    ["/run/cvmfs-graphdriver/snapshotter.sock"])
 
 
 def test_pulling_a_published_image_downloads_none_of_its_layers(host, sample):
