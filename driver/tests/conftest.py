@@ -25,8 +25,20 @@ from harness import (  # noqa: E402
     real_cvmfs_available,
     require_tool,
 )
+from resilience import TALLY, Tally  # noqa: E402
 
 PLUGIN_NAME = os.environ.get("CVMFS_GRAPHDRIVER_TEST_PLUGIN", "cvmfs")
+
+
+@pytest.fixture
+def tally() -> Tally:
+    """What a hostile-input, fault or load test tried (resilience.py)."""
+    return TALLY
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if TALLY.ran():
+        terminalreporter.write_line(TALLY.line())
 
 
 @pytest.fixture
