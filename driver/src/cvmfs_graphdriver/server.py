@@ -11,6 +11,8 @@ import socket
 import socketserver
 import stat
 import sys
+import threading
+import time
 import traceback
 from http.server import BaseHTTPRequestHandler
 from typing import IO, Any, Callable, Dict, Optional, Union, cast
@@ -38,6 +40,29 @@ MAX_TRAILERS = 100  # as http.client's limit on header lines
 _DECIMAL = re.compile(r"[0-9]{1,19}")  # no sign, no spaces, no '_' (which int() accepts)
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")  # no sign, no '0x', no '_'
 
+# Connections and their timeouts (issue 11). Each connection has a thread; only root can
+# reach the socket (mode 0600), so these are against stuck or broken clients, which must
+# not pin threads without end.
+#
+# Connections served at once. dockerd's plugin client has one connection per call in
+# flight (pulls register layers one by one per image) and keeps two idle between calls.
+# A connection beyond this waits in the listen backlog, not accepted, until one closes (an
+# idle one does within REQUEST_TIMEOUT): dockerd's call is delayed, never refused.
+MAX_CONNECTIONS = 256
+LIMIT_LOG_INTERVAL = 60  # seconds: while at the limit, it is logged once a minute
+# Seconds without a byte while a connection waits for its next request, and while a
+# request's line, headers and JSON body arrive: dockerd sends a call at once, and its
+# pool opens a new connection when we have closed an idle one.
+REQUEST_TIMEOUT = 30
+# Seconds without a byte in ApplyDiff's body or while Diff's answer is taken. Neither
+# comes from the registry directly: a pull downloads a layer into a file before applying
+# it, so a network stall does not pause the body. What streams at a client's pace is
+# `docker import` (a URL, or the client's upload, straight into ApplyDiff) and `docker
+# push`/`save` (Diff read as fast as the registry or the client takes it): ten minutes
+# outlasts a stall of those; a body idle for longer has a client that went away without
+# closing, and the layer is left incomplete (dockerd removes it).
+STREAM_TIMEOUT = 600
+
 
 class RequestError(DriverError):
     """A request the server cannot take as sent (malformed, cut short, too large): answered
@@ -53,13 +78,24 @@ class _Body:
     failed: `error` says why, and every later read raises that again without waiting on
     the connection, whose rest cannot be read."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], idle: Optional[float] = None) -> None:
         self._raw = raw
+        self._idle = idle  # the connection's timeout (seconds), for the message
         self.error: Optional[RequestError] = None
 
     def _fail(self, message: str, status: int = 400) -> RequestError:
         self.error = RequestError(message, status)
         return self.error
+
+    def _recv(self, n: int, line: bool = False) -> bytes:
+        try:
+            return self._raw.readline(n) if line else self._raw.read(n)
+        except socket.timeout:
+            within = f"for {self._idle:g} s" if self._idle else "within the timeout"
+            raise self._fail(f"request body: nothing arrived {within} (the client stalled "
+                             "or went away)", 408) from None
+        except OSError as e:
+            raise self._fail(f"request body could not be read: {e}") from None
 
     def _check(self) -> None:
         if self.error is not None:
@@ -79,15 +115,16 @@ class ChunkedReader(_Body):
     digits, its data is followed by CRLF (anything else means the sizes do not match the
     data, and the rest of the connection cannot be trusted)."""
 
-    def __init__(self, raw: IO[bytes], limit: Optional[int] = None) -> None:
-        super().__init__(raw)
+    def __init__(self, raw: IO[bytes], limit: Optional[int] = None,
+                 idle: Optional[float] = None) -> None:
+        super().__init__(raw, idle)
         self._limit = limit
         self._total = 0
         self._left = 0
         self._done = False
 
     def _line(self, what: str, ended: str) -> bytes:
-        line = self._raw.readline(MAX_LINE + 1)
+        line = self._recv(MAX_LINE + 1, line=True)
         if not line.endswith(b"\n"):
             if len(line) > MAX_LINE:
                 raise self._fail(f"{what} is longer than {MAX_LINE} bytes")
@@ -118,7 +155,7 @@ class ChunkedReader(_Body):
                 self._next_chunk()
                 continue
             want = min(self._left, READ_CHUNK if n < 0 else n - len(out))
-            data = self._raw.read(want)
+            data = self._recv(want)
             if not data:
                 raise self._fail("request body ended inside a chunk (client went away?)")
             self._total += len(data)
@@ -128,7 +165,7 @@ class ChunkedReader(_Body):
             out += data
             self._left -= len(data)
             if self._left == 0:
-                end = self._raw.readline(3)
+                end = self._recv(3, line=True)
                 if end not in (b"\r\n", b"\n"):
                     raise self._fail(
                         "request body ended inside a chunk (client went away?)" if not end
@@ -142,8 +179,8 @@ class LengthReader(_Body):
     that goes away mid-body must not have what it sent taken as all of it (a layer tar
     cut at an entry boundary reads as a complete, smaller layer)."""
 
-    def __init__(self, raw: IO[bytes], length: int) -> None:
-        super().__init__(raw)
+    def __init__(self, raw: IO[bytes], length: int, idle: Optional[float] = None) -> None:
+        super().__init__(raw, idle)
         self._length = self._left = length
 
     def read(self, n: int = -1) -> bytes:
@@ -153,7 +190,7 @@ class LengthReader(_Body):
         want = self._left if n < 0 else min(n, self._left)
         out = bytearray()
         while len(out) < want:
-            data = self._raw.read(min(want - len(out), READ_CHUNK))
+            data = self._recv(min(want - len(out), READ_CHUNK))
             if not data:
                 got = self._length - self._left
                 raise self._fail(f"request body ended after {got} of its {self._length} bytes "
@@ -325,7 +362,14 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("http: " + format, *args)
 
     def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
-        log.warning("http: " + format, *args)
+        # An idle connection closed after REQUEST_TIMEOUT is routine; anything else is not.
+        (log.warning if self.raw_requestline else log.debug)("http: " + format, *args)
+
+    def handle_one_request(self) -> None:
+        self.raw_requestline = b""  # still empty if the connection times out idle
+        # Each request starts with REQUEST_TIMEOUT (the last call may have set another).
+        self.connection.settimeout(REQUEST_TIMEOUT)
+        super().handle_one_request()
 
     def address_string(self) -> str:
         return "unix"
@@ -443,7 +487,9 @@ class Handler(BaseHTTPRequestHandler):
         """The request's body as its headers frame it, checked before a byte of it is
         read: plain (Content-Length) or chunked, nothing else, and no larger than the
         call takes. RequestError names what is wrong."""
-        limit = None if method in STREAMED_BODIES else MAX_JSON_BODY
+        streamed = method in STREAMED_BODIES
+        limit = None if streamed else MAX_JSON_BODY
+        idle = STREAM_TIMEOUT if streamed else REQUEST_TIMEOUT
         encodings = self.headers.get_all("Transfer-Encoding") or []
         lengths = [v.strip() for v in self.headers.get_all("Content-Length") or []]
         if encodings:
@@ -458,7 +504,8 @@ class Handler(BaseHTTPRequestHandler):
                 # RFC 9112 6.3: a request smuggling attempt, or a broken client.
                 raise RequestError("both Transfer-Encoding and Content-Length: a body is "
                                    "framed by one of them")
-            return ChunkedReader(self.rfile, limit)  # type: ignore[arg-type]
+            self.connection.settimeout(idle)
+            return ChunkedReader(self.rfile, limit, idle)  # type: ignore[arg-type]
         if len(set(lengths)) > 1:
             raise RequestError(f"conflicting Content-Length headers: "
                                f"{', '.join(lengths)[:80]!r}")
@@ -470,7 +517,8 @@ class Handler(BaseHTTPRequestHandler):
         if limit is not None and length > limit:
             raise RequestError(f"a request body of {length} bytes is larger than {limit}, "
                                "the most a call's JSON may be", 413)
-        return LengthReader(self.rfile, length)  # type: ignore[arg-type]
+        self.connection.settimeout(idle)
+        return LengthReader(self.rfile, length, idle)  # type: ignore[arg-type]
 
     def _stream(self, method: str, write: DiffWriter) -> None:
         """A streamed answer (Diff): chunked, so a failure can only truncate it."""
@@ -478,9 +526,16 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/x-tar")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        self.connection.settimeout(STREAM_TIMEOUT)
         out = ChunkedWriter(self.wfile)  # type: ignore[arg-type]
         try:
             write(out)  # type: ignore[arg-type]
+        except (socket.timeout, BrokenPipeError, ConnectionResetError) as e:
+            what = (f"took nothing for {STREAM_TIMEOUT} s" if isinstance(e, socket.timeout)
+                    else f"went away ({e})")
+            log.warning("%s: the client %s: answer abandoned mid-stream", method, what)
+            self.close_connection = True
+            return
         except Exception:
             log.error("%s failed mid-stream:\n%s", method, traceback.format_exc())
             self.close_connection = True  # the client sees a truncated tar, not a valid one
@@ -489,14 +544,21 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """One thread per connection, at most `max_connections` at once (MAX_CONNECTIONS)."""
+
     daemon_threads = True
     allow_reuse_address = False
 
     def __init__(self, sock: socket.socket, driver: Optional[Driver],
-                 volumes: Optional[Volumes] = None) -> None:
+                 volumes: Optional[Volumes] = None,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         """Serves the GraphDriver calls when given a driver, the VolumeDriver calls when
         given volumes (the `volumes` command: volumes only)."""
         super().__init__("", Handler, bind_and_activate=False)
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._limit_logged = -float(LIMIT_LOG_INTERVAL)  # when the limit was last logged
+        self._stopping = threading.Event()
         self.socket.close()
         self.socket = sock
         self.server_address = sock.getsockname()
@@ -511,6 +573,36 @@ class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         if volumes is not None:
             self.routes.update({m: functools.partial(route, volumes)
                                 for m, route in VOLUME_ROUTES.items()})
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve a new connection in its own thread; at the limit, first wait (accepting
+        no other meanwhile: they queue in the listen backlog) until a connection closes."""
+        if not self._slots.acquire(blocking=False):
+            now = time.monotonic()
+            if now - self._limit_logged >= LIMIT_LOG_INTERVAL:
+                self._limit_logged = now
+                log.warning("%d connections are open, the most this daemon serves at once: "
+                            "new ones wait until one closes (an idle one is closed after "
+                            "%g s)", self.max_connections, REQUEST_TIMEOUT)
+            while not self._slots.acquire(timeout=0.5):
+                if self._stopping.is_set():
+                    self.shutdown_request(request)
+                    return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown(self) -> None:
+        self._stopping.set()  # a process_request waiting for a slot gives up
+        super().shutdown()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that failed outside a call's own handling (the stdlib's default

@@ -9,8 +9,10 @@ import http.client
 import io
 import json
 import os
+import shutil
 import socket
 import tarfile
+import tempfile
 import threading
 import time
 from typing import Dict, Tuple
@@ -24,6 +26,10 @@ from layer_tools import (
     new_id,
     read_tar,
 )
+
+from cvmfs_graphdriver import server
+from cvmfs_graphdriver.config import Config
+from cvmfs_graphdriver.driver import Driver
 
 pytestmark = pytest.mark.root
 
@@ -492,3 +498,160 @@ def test_requests_that_are_not_plugin_calls_are_answered_as_errors(inited, reque
     if status == 405:
         assert answer[1].get("allow") == "POST"
     assert inited.call("GraphDriver.Exists", {"ID": new_id()}) == {"Exists": False}
+
+
+
+# ---------------------------------------------------------------------------- stuck clients
+# (issue 11, finding 9) A connection pins a thread: an idle or half-sent one may not pin it
+# forever, and the connections served at once are bounded. The timeouts are shortened
+# here (server.REQUEST_TIMEOUT, server.STREAM_TIMEOUT are read when used; raising=False
+# lets these tests run against a server that has none, to show what it did).
+
+
+def handler_threads() -> int:
+    return sum(1 for t in threading.enumerate() if "process_request" in t.name)
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float:
+    """How long until the server closes `sock` (its side), failing after `seconds`."""
+    start = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except socket.timeout:
+        pytest.fail(f"the server kept the connection open for {seconds} s")
+    return time.monotonic() - start
+
+
+def test_an_idle_or_half_sent_request_is_closed_after_the_request_timeout(inited,
+                                                                          monkeypatch):
+    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 0.5, raising=False)
+    idle = socket.socket(socket.AF_UNIX)
+    half = socket.socket(socket.AF_UNIX)
+    try:
+        idle.connect(inited.path)
+        half.connect(inited.path)
+        half.sendall(b"POST /GraphDriver.Exists HTTP/1.1\r\nHost: plugin\r\n")  # no end
+        assert closed_within(idle, 10) < 5
+        assert closed_within(half, 10) < 5
+    finally:
+        idle.close()
+        half.close()
+    fresh = PluginClient(inited.path)  # inited's own connection was closed too, idle
+    try:
+        assert fresh.call("GraphDriver.Exists", {"ID": new_id()}) == {"Exists": False}
+    finally:
+        fresh.close()
+
+
+def test_a_json_body_that_stops_coming_is_answered_408(inited, monkeypatch):
+    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 0.5, raising=False)
+    status, headers, body = exchange(
+        inited.path, post("GraphDriver.Exists", "Content-Length: 40", b'{"ID": '),
+        half_close=False, timeout=10)
+    assert status == 408 and headers.get("connection") == "close"
+    assert "GraphDriver.Exists: request body: nothing arrived for 0.5 s" in body["Err"]
+
+
+def test_an_apply_diff_body_may_pause_longer_than_a_request_but_not_without_end(
+        inited, tmp_path, monkeypatch):
+    """A layer body pausing (a client's upload stalling) is waited for, up to
+    STREAM_TIMEOUT of silence; then the call fails, 408, and leaves no layer."""
+    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 0.3, raising=False)
+    monkeypatch.setattr(server, "STREAM_TIMEOUT", 1.5, raising=False)
+    layer = new_id()
+    inited.call("GraphDriver.Create", {"ID": layer})
+    data, cut = two_file_tar()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(inited.path)
+        s.sendall(apply_head(layer, "Transfer-Encoding: chunked") + b"%x\r\n" % len(data)
+                  + data[:cut])
+        time.sleep(1)  # more than REQUEST_TIMEOUT: still waited for
+        s.sendall(data[cut:cut + 512])
+        start = time.monotonic()
+        resp = http.client.HTTPResponse(s)
+        resp.begin()  # then nothing: answered once STREAM_TIMEOUT has passed
+        waited = time.monotonic() - start
+        err = json.loads(resp.read())["Err"]
+    assert resp.status == 408 and 1.4 < waited < 10, (resp.status, waited)
+    assert "nothing arrived for 1.5 s" in err and layer in err
+    fresh = PluginClient(inited.path)  # inited's own connection was closed, idle
+    try:
+        assert fresh.call("GraphDriver.Exists", {"ID": layer}) == {"Exists": False}
+    finally:
+        fresh.close()
+    assert mounts_below(str(tmp_path)) == []
+
+
+def test_connections_beyond_the_limit_wait_for_one_to_close(as_root, monkeypatch, caplog):
+    """At the limit, a new connection is not refused (dockerd would fail its call): it
+    waits, unserved, and is served as soon as another closes. Threads stay bounded."""
+    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 60, raising=False)  # idle ones stay
+    sockdir = tempfile.mkdtemp(prefix="cgd-", dir="/tmp")
+    path = os.path.join(sockdir, "cap.sock")
+    srv = server.PluginServer(server.bind_socket(path), Driver(Config()), max_connections=4)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True)
+    t.start()
+    before = handler_threads()
+    idle = []
+    answered = threading.Event()
+    try:
+        for _ in range(30):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)  # accepted by the kernel (backlog), served or not
+            idle.append(s)
+        time.sleep(0.5)
+        assert handler_threads() - before == 4  # 30 connections, 4 threads
+        assert "4 connections are open, the most this daemon serves at once" in caplog.text
+
+        def activate() -> None:
+            c = PluginClient(path)
+            try:
+                assert c.call("Plugin.Activate") == {"Implements": ["GraphDriver"]}
+                answered.set()
+            finally:
+                c.close()
+
+        waiting = threading.Thread(target=activate, daemon=True)
+        waiting.start()
+        assert not answered.wait(1)  # all slots taken by idle connections
+        for s in idle:  # the idle ones go away
+            s.close()
+        assert answered.wait(10)
+        waiting.join(10)
+    finally:
+        for s in idle:
+            s.close()
+        shutdown = threading.Thread(target=srv.shutdown, daemon=True)
+        shutdown.start()
+        shutdown.join(10)
+        assert not shutdown.is_alive(), "shutdown hung"
+        srv.server_close()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_shutdown_is_not_held_up_by_a_connection_waiting_for_a_slot(as_root):
+    sockdir = tempfile.mkdtemp(prefix="cgd-", dir="/tmp")
+    path = os.path.join(sockdir, "cap.sock")
+    srv = server.PluginServer(server.bind_socket(path), Driver(Config()), max_connections=1)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True)
+    t.start()
+    held = [socket.socket(socket.AF_UNIX) for _ in range(2)]
+    try:
+        for s in held:
+            s.connect(path)
+        time.sleep(0.3)  # the second waits for the first's slot
+        start = time.monotonic()
+        srv.shutdown()
+        assert time.monotonic() - start < 5
+        t.join(5)
+        assert not t.is_alive()
+    finally:
+        for s in held:
+            s.close()
+        srv.server_close()
+        shutil.rmtree(sockdir, ignore_errors=True)
