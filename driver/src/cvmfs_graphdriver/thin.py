@@ -71,8 +71,9 @@ def flat_path(hexdigest: str) -> str:
     return f"{FLAT_DIR}/{hexdigest[:2]}/{hexdigest}"
 
 
-_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,252}$")
-_DIGEST_RE = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
+# Matched whole (fullmatch): "$" alone would let a trailing newline through.
+_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+_DIGEST_RE = re.compile(r"(sha256:)?[0-9a-f]{64}")
 
 
 class DescriptorError(DriverError):
@@ -122,7 +123,7 @@ def _clean_path(raw: str, where: str) -> str:
 
 
 def check_repository_name(repo: object) -> str:
-    if not isinstance(repo, str) or not _REPO_RE.match(repo) or ".." in repo:
+    if not isinstance(repo, str) or not _REPO_RE.fullmatch(repo) or ".." in repo:
         raise DescriptorError(f"invalid repository name {repo!r}")
     return repo
 
@@ -154,7 +155,7 @@ def parse_layer(entry: object, index: int, allowed: Optional[FrozenSet[str]]) ->
     if not isinstance(entry, dict):
         raise DescriptorError(f"{where}: expected an object, got {type(entry).__name__}")
     digest = entry.get("digest", "")
-    if not isinstance(digest, str) or (digest and not _DIGEST_RE.match(digest)):
+    if not isinstance(digest, str) or (digest and not _DIGEST_RE.fullmatch(digest)):
         raise DescriptorError(f"{where}: invalid digest {digest!r}")
     digest = digest.split(":")[-1]
     url = entry.get("url")
@@ -192,6 +193,8 @@ def parse_descriptor(data: bytes, allowed: Optional[Iterable[str]] = None,
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise DescriptorError(f"thin.json is not valid JSON: {e}") from None
+    except RecursionError:  # arrays or objects nested thousands deep (1 MiB holds plenty)
+        raise DescriptorError("thin.json nests JSON too deeply to be a descriptor") from None
     if not isinstance(doc, dict):
         raise DescriptorError("thin.json must be a JSON object")
     version = doc.get("version")
