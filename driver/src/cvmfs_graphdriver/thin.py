@@ -27,8 +27,23 @@ import logging
 import os
 import re
 import stat
+import threading
+import time
 from dataclasses import dataclass
-from typing import Collection, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import (
+    Any,
+    Callable,
+    Collection,
+    Dict,
+    FrozenSet,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    TypeVar,
+)
 
 from . import whiteouts
 from .errors import DriverError
@@ -36,6 +51,7 @@ from .files import NotReadable, read_regular
 from .whiteouts import LayerMarkers
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DESCRIPTOR_NAME = "thin.json"
 SUPPORTED_MAJOR = "1"
@@ -289,15 +305,30 @@ def resolve_layer_dir(cvmfs_root: str, layer: ThinLayer) -> str:
 
     Symlinks inside the repository are followed, but the result must stay below
     <cvmfs_root>/<repo>; a missing repository or layer gives an error that says which
-    and how to check the client.
+    and how to check the client, and so does one that cannot be read (EACCES, ESTALE,
+    EIO...). A repository that does not answer (a hung CVMFS or NFS mount) is given up
+    after LOOKUP_SECONDS: the caller (a Get, a Prepare, a mount) gets an error then
+    instead of blocking for good (bounded_lookup).
     """
+    return bounded_lookup(lambda: _resolve_layer_dir(cvmfs_root, layer),
+                          f"thin layer {layer.url}", layer.repo,
+                          os.path.join(cvmfs_root, layer.repo))
+
+
+def _resolve_layer_dir(cvmfs_root: str, layer: ThinLayer) -> str:
     repo_dir = os.path.join(cvmfs_root, layer.repo)
-    if not os.path.isdir(repo_dir):
+    try:
+        if not stat.S_ISDIR(os.stat(repo_dir).st_mode):
+            raise FileNotFoundError(repo_dir)
+    except OSError as e:
+        why = "is not available" if isinstance(e, (FileNotFoundError, NotADirectoryError)) \
+            else f"cannot be read ({e.strerror})"
         raise DriverError(
-            f"CVMFS repository {layer.repo} is not available at {repo_dir}: check the CVMFS "
+            f"thin layer {layer.url}: CVMFS repository {layer.repo} {why} at {repo_dir}: "
+            "check the CVMFS "
             f"client on this node (`cvmfs_config probe {layer.repo}`, "
             f"`ls {repo_dir}`) and that {layer.repo} is in CVMFS_REPOSITORIES"
-        )
+        ) from None
     real_repo = os.path.realpath(repo_dir)
     wanted = os.path.join(repo_dir, layer.path)
     real = os.path.realpath(wanted)
@@ -306,7 +337,16 @@ def resolve_layer_dir(cvmfs_root: str, layer: ThinLayer) -> str:
             f"thin layer {layer.url} resolves to {real}, outside repository {layer.repo}; "
             "refusing to mount it"
         )
-    if not os.path.isdir(real):
+    try:
+        is_dir = stat.S_ISDIR(os.stat(real).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir = False
+    except OSError as e:  # there, but not readable: say so, not "missing"
+        raise DriverError(
+            f"thin layer {layer.url} cannot be read: {wanted}: {e.strerror}. Check the "
+            f"CVMFS client (`cvmfs_config probe {layer.repo}`, `ls {wanted}`)"
+        ) from None
+    if not is_dir:
         raise DriverError(
             f"thin layer {layer.url} is missing: {wanted} is not a directory. The image "
             f"refers to a layer that is not (or no longer) published in {layer.repo}; check "
@@ -314,6 +354,47 @@ def resolve_layer_dir(cvmfs_root: str, layer: ThinLayer) -> str:
             f"{layer.repo}`)"
         )
     return real
+
+
+# Lookups in CVMFS that must not block their caller for good. A lookup runs in a daemon
+# thread of its own (a thread blocked in a hung mount cannot be stopped; daemon threads
+# do not hold up the daemon's exit, as a ThreadPoolExecutor's would); at most
+# LOOKUP_THREADS wait at once, so a hung repository ties up that many threads, no more.
+LOOKUP_SECONDS = 10.0
+LOOKUP_THREADS = 4
+_lookup_slots = threading.BoundedSemaphore(LOOKUP_THREADS)
+
+
+def bounded_lookup(lookup: Callable[[], _T], what: str, repo: str, where: str) -> _T:
+    """`lookup()`'s result or exception, or DriverError if it has not returned within
+    LOOKUP_SECONDS (read when called)."""
+    seconds = LOOKUP_SECONDS
+    deadline = time.monotonic() + seconds
+    late = DriverError(
+        f"{what}: CVMFS repository {repo} did not answer within {seconds:g} s ({where}): "
+        f"its mount hangs; check the CVMFS client on this node (`cvmfs_config probe "
+        f"{repo}`, `cvmfs_config stat {repo}`)")
+    if not _lookup_slots.acquire(timeout=seconds):
+        raise late  # every lookup thread still waits on a repository
+    done = threading.Event()
+    out: Dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = lookup()
+        except BaseException as e:  # handed to the caller
+            out["error"] = e
+        finally:
+            _lookup_slots.release()
+            done.set()
+
+    threading.Thread(target=run, name="cvmfs-lookup", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+        log.warning("%s", late)
+        raise late
+    if "error" in out:
+        raise out["error"]
+    return out["value"]  # type: ignore[no-any-return]
 
 
 # ---------------------------------------------------------------------------- masks
