@@ -261,3 +261,62 @@ def test_create_on_a_full_disk_is_a_driver_error_naming_the_layer_and_disk_full(
     for layer, error in failures:
         assert error.status == 200, error.message  # an error for dockerd, not a 500
         assert layer in error.message and DISK_FULL.search(error.message), error.message
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "snapshotter on a full home: Commit fails (sqlite3.OperationalError 'database or disk "
+    "is full', unwrapped: it names no snapshot), and then Remove of the still active "
+    "snapshot fails the same way, so containerd cannot free the space it holds: "
+    "OverlaySnapshotter.remove (snapshotter/overlay.py) commits the removal in sqlite's "
+    "WAL before deleting the directory, and the WAL cannot grow. Fix in "
+    "snapshotter/metastore.py: keep a small reserve file in the home, released (then "
+    "restored) when a write transaction meets SQLITE_FULL, and wrap sqlite3.Error as a "
+    "SnapshotterError naming the key"))
+def test_snapshotter_prepare_write_until_full_commit(loopfs, tally):
+    """The snapshotter's home on a small file system: a container (Prepare) writes until
+    ENOSPC, then Commit (its metadata, sqlite's WAL, needs a little room too) and Remove.
+    Whichever way Commit goes, it goes all the way or not at all, the snapshot can be
+    removed, the space comes back and a committed snapshot is intact."""
+    import sqlite3
+
+    from cvmfs_graphdriver.snapshotter.errdefs import SnapshotterError
+    from cvmfs_graphdriver.snapshotter.overlay import OverlaySnapshotter
+
+    mnt = loopfs("ext4", 64)
+    sn = OverlaySnapshotter(os.path.join(mnt, "sn"))
+    try:
+        def sid(key: str) -> str:
+            with sn.ms.transaction() as tx:
+                return tx.get_info(key)[0]
+
+        sn.prepare("base-k", "")
+        with open(os.path.join(sn.layout.fs(sid("base-k")), "kept"), "wb") as f:
+            f.write(os.urandom(100_000))
+        sn.commit("base", "base-k")
+        base_fs = sn.layout.fs(sid("base"))
+        kept = contents(base_fs)
+        free = free_blocks(mnt)
+
+        sn.prepare("k", "base")
+        written = fill(sn.layout.fs(sid("k")))  # as the container's upper directory
+        fill_up(sn.layout.fs(sid("k")))
+        assert written > 16 << 20
+        try:
+            sn.commit("c", "k")
+            name = "c"
+        except (SnapshotterError, OSError, sqlite3.Error) as e:  # full: nothing half-done
+            assert "full" in str(e) or "space" in str(e), e
+            name = "k"
+        assert {i.name for i in sn.walk()} == {"base", name}
+        sn.remove(name)
+        assert {i.name for i in sn.walk()} == {"base"}
+        assert os.listdir(sn.layout.staging) == []
+        returned = free_blocks(mnt)
+        assert abs(returned - free) <= SLACK_BLOCKS * 4, (free, returned)  # + sqlite's WAL
+        lost = bytes_lost(kept, base_fs)
+        tally.lost(lost)
+        assert sn.prepare("after", "base")  # still works
+        tally.fault(survived=lost == 0)
+        assert lost == 0
+    finally:
+        sn.close()
