@@ -17,8 +17,13 @@ found also has an explicit @example next to its fuzzer.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
+import threading
+from typing import Iterator
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase
 
@@ -41,3 +46,31 @@ settings.register_profile("ci", deadline=2000, database=ReadOnlyDatabase(_corpus
 settings.register_profile("dev", deadline=2000, database=_corpus, **_common)
 settings.register_profile("deep", deadline=None, database=_corpus, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def plugin_socket(tmp_path_factory) -> Iterator[str]:
+    """A PluginServer for an initialised Driver on a unix socket (its path), shared by
+    the examples of a module."""
+    from harness import need
+
+    from cvmfs_graphdriver.config import Config
+    from cvmfs_graphdriver.driver import Driver
+    from cvmfs_graphdriver.server import PluginServer, bind_socket
+
+    need(os.geteuid() == 0, "needs root (the driver chowns and mounts)")
+    home = str(tmp_path_factory.mktemp("fuzz-home"))
+    d = Driver(Config())
+    d.init(home, None, None, None)
+    sockdir = tempfile.mkdtemp(prefix="cgd-fz-", dir="/tmp")
+    path = os.path.join(sockdir, "p.sock")
+    srv = PluginServer(bind_socket(path), d)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True)
+    t.start()
+    yield path
+    srv.shutdown()
+    srv.server_close()
+    t.join(10)
+    d.cleanup()
+    shutil.rmtree(sockdir, ignore_errors=True)
