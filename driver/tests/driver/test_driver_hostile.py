@@ -140,7 +140,7 @@ REFUSED: List[tuple] = [
 
 @pytest.mark.parametrize("build, entry", [(b, e) for _, b, e in REFUSED],
                          ids=[i for i, _, _ in REFUSED])
-def test_escape_is_refused_and_nothing_outside_changes(scene, build: Build, entry: str):
+def test_escape_is_refused_and_nothing_outside_changes(scene, tally, build: Build, entry: str):
     data = build(scene.sentinel).bytes()
     with pytest.raises(DriverError) as e:
         apply(scene.drv, scene.layer, "", data)
@@ -148,10 +148,11 @@ def test_escape_is_refused_and_nothing_outside_changes(scene, build: Build, entr
     assert repr(entry.format(s=scene.sentinel)) in msg, msg
     assert scene.layer in msg
     scene.check_nothing_outside_changed()
+    tally.hostile(refused=True)
     assert not scene.drv.exists(scene.layer), "a refused layer must not count as present"
 
 
-def test_file_replacing_a_symlink_does_not_write_through_it(scene):
+def test_file_replacing_a_symlink_does_not_write_through_it(scene, tally):
     data = (TarBuilder().symlink("f", f"{scene.sentinel}/victim")
             .file("f", b"new content", mode=0o4777, uid=1234)
             .symlink("d", f"{scene.sentinel}/dir").dir("d", mode=0o700).file("d/x", b"x")
@@ -159,6 +160,7 @@ def test_file_replacing_a_symlink_does_not_write_through_it(scene):
             .bytes())
     apply(scene.drv, scene.layer, "", data)
     scene.check_nothing_outside_changed()
+    tally.hostile(refused=False)
     st = os.lstat(os.path.join(scene.diff, "f"))
     assert stat.S_ISREG(st.st_mode) and (stat.S_IMODE(st.st_mode), st.st_uid) == (0o4777, 1234)
     with open(os.path.join(scene.diff, "f"), "rb") as f:
@@ -169,13 +171,14 @@ def test_file_replacing_a_symlink_does_not_write_through_it(scene):
     assert stat.S_ISFIFO(os.lstat(os.path.join(scene.diff, "rel")).st_mode)
 
 
-def test_hard_link_to_a_symlink_links_the_symlink_not_its_target(scene):
+def test_hard_link_to_a_symlink_links_the_symlink_not_its_target(scene, tally):
     data = (TarBuilder().symlink("s", f"{scene.sentinel}/victim")
             .hardlink("h", "s", mode=0o4777, uid=1234)
             .symlink("dirlink", scene.sentinel).hardlink("h2", "dirlink")
             .bytes())
     apply(scene.drv, scene.layer, "", data)
     scene.check_nothing_outside_changed()
+    tally.hostile(refused=False)
     s = os.lstat(os.path.join(scene.diff, "s"))
     h = os.lstat(os.path.join(scene.diff, "h"))
     assert stat.S_ISLNK(h.st_mode) and h.st_ino == s.st_ino
@@ -183,7 +186,7 @@ def test_hard_link_to_a_symlink_links_the_symlink_not_its_target(scene):
     assert stat.S_ISLNK(os.lstat(os.path.join(scene.diff, "h2")).st_mode)
 
 
-def test_overlay_xattrs_in_a_tar_are_dropped(drv, scene):
+def test_overlay_xattrs_in_a_tar_are_dropped(drv, scene, tally):
     sentinel_before = snapshot(scene.sentinel)
     base = make_layer(drv, data=TarBuilder().dir("d").file("d/old", b"old").bytes())
     smuggled = {
@@ -207,13 +210,15 @@ def test_overlay_xattrs_in_a_tar_are_dropped(drv, scene):
     assert set(view_manifest(view)) == {"/d", "/d/old", "/d/new"}
     drv.put(child)
     assert snapshot(scene.sentinel) == sentinel_before
+    tally.hostile(refused=False)
 
 
-def test_layer_stays_usable_after_a_refused_tar_is_retried_with_a_good_one(scene):
+def test_layer_stays_usable_after_a_refused_tar_is_retried_with_a_good_one(scene, tally):
     with pytest.raises(DriverError):
         apply(scene.drv, scene.layer, "",
               TarBuilder().file("ok", b"1").symlink("l", scene.sentinel)
               .file("l/evil", b"x").bytes())
+    tally.hostile(refused=True)
     scene.drv.remove(scene.layer)
     scene.drv.create(scene.layer, "", "", None, read_write=False)
     apply(scene.drv, scene.layer, "", TarBuilder().file("ok", b"1").bytes())
