@@ -12,6 +12,7 @@ Tars tarfile cannot write are made here by hand, block by block.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,8 +20,10 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import pytest
+from harness import need
 from layer_tools import (
     T0,
+    TarBuilder,
     apply,
     make_layer,
 )
@@ -341,3 +344,66 @@ def test_special_headers_within_the_bounds_work_and_global_headers_are_ignored(d
     assert os.getxattr(os.path.join(diff, "f"), "user.own") == b"mine"
     assert "user.global" not in os.listxattr(os.path.join(diff, "f"))
     assert os.readlink(os.path.join(diff, long_dir, "long-name")) == f"{long_dir}/long-target"
+
+
+# ---------------------------------------------------------------------------- finding 5
+
+_A = entry("a", b"a" * 1000)  # offset 0: header, 1000 bytes, padding to 1536
+_B = entry("b", b"b" * 1000)  # offset 1536: header at 1536, data 2048-3048, padding to 3072
+
+TRUNCATED = [
+    ("stops-after-an-entry", _A, ["stops at offset 1536 (after entry 'a')",
+                                  "without the end-of-archive marker"]),
+    ("stops-after-the-last-entry", _A + _B, ["stops at offset 3072 (after entry 'b')",
+                                             "end-of-archive"]),
+    ("corrupt-second-header", _A + b"\x01" * BLOCK + _B[BLOCK:] + END,
+     ["corrupt header at offset 1536 (after entry 'a')"]),
+    ("ends-inside-a-header", _A + _B[:100], ["ends inside the header at offset 1536"]),
+    ("ends-inside-data", (_A + _B)[:2500], ["'b'", "ends inside its data",
+                                            "548 of 1000 bytes missing"]),
+    ("ends-inside-padding", (_A + _B)[:3060], ["'b'", "inside the padding"]),
+    ("zero-block-then-an-entry", _A + bytes(BLOCK) + _B + END,
+     ["zero block at offset 1536 (after entry 'a') followed by more data"]),
+    ("ends-inside-the-end-marker", _A + bytes(BLOCK) + bytes(100),
+     ["ends inside its end-of-archive marker"]),
+    ("empty", b"", ["layer data is empty"]),
+]
+
+
+@pytest.mark.parametrize("data, words", [(d, w) for _, d, w in TRUNCATED],
+                         ids=[i for i, _, _ in TRUNCATED])
+def test_truncated_or_damaged_layer_is_refused_and_leaves_no_layer(drv, data, words):
+    refused(drv, data, *words)
+
+
+ACCEPTED = [
+    ("two-zero-blocks", _A + _B + END),
+    ("one-zero-block-then-the-end", _A + _B + bytes(BLOCK)),  # Go accepts it too
+    ("anything-after-two-zero-blocks", _A + _B + END + b"ignored, as Go ignores it"),
+    ("tarfile-padded-to-its-record-size",
+     TarBuilder().file("a", b"a" * 1000).file("b", b"b" * 1000).bytes()),
+]
+
+
+@pytest.mark.parametrize("data", [d for _, d in ACCEPTED], ids=[i for i, _ in ACCEPTED])
+def test_complete_layer_endings_are_accepted(drv, data):
+    layer = make_layer(drv, data=data)
+    assert sorted(os.listdir(os.path.join(drv.layout.home, layer, "diff"))) == ["a", "b"]
+
+
+def test_empty_layer_is_accepted(drv):
+    layer = make_layer(drv, data=END)
+    assert os.listdir(os.path.join(drv.layout.home, layer, "diff")) == []
+
+
+def test_tar_of_the_tar_command_is_accepted(drv, tmp_path):
+    tar = shutil.which("tar")
+    need(tar is not None, "needs the tar command")
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"f" * 3000)
+    data = subprocess.run([str(tar), "-C", str(src), "-cf", "-", "d"], capture_output=True,
+                          check=True).stdout
+    layer = make_layer(drv, data=data)
+    with open(os.path.join(drv.layout.home, layer, "diff", "d", "f"), "rb") as f:
+        assert f.read() == b"f" * 3000
