@@ -35,22 +35,19 @@ _COPY_CHUNK = 1 << 20
 
 # ---------------------------------------------------------------------------- names
 
-# Linux's limits (linux/limits.h), which moby's Unpack meets as errors of open or mkdir:
-# a path (or symlink target) of PATH_MAX bytes or more, with its terminating NUL, and a
-# name component longer than NAME_MAX bytes.
+# Linux's limits (linux/limits.h): a name component is at most NAME_MAX bytes, a symlink
+# target shorter than PATH_MAX (with its terminating NUL). A whole name may be longer
+# than PATH_MAX: entries are reached one component at a time (fdtree), trees as deep as
+# the kernel allows (moby's Unpack, which opens whole paths, fails on them).
 PATH_MAX = 4096
 NAME_MAX = 255
-
-
-def _too_long(name: str) -> bool:
-    return len(name.encode("utf-8", "surrogateescape")) >= PATH_MAX
 
 
 def split_member_name(name: str, what: str = "entry") -> List[str]:
     """Split a tar member name into safe components, or refuse it.
 
     "./a/b" and "a//b/" are fine; absolute names and any ".." component are refused, and
-    so are names Linux cannot hold (longer than PATH_MAX, or a component than NAME_MAX).
+    so is a component longer than Linux holds (NAME_MAX).
     An empty list means the layer root itself (".").
     """
     if "\x00" in name:
@@ -59,10 +56,6 @@ def split_member_name(name: str, what: str = "entry") -> List[str]:
         raise UnsafeLayerError(
             f"tar {what} {name!r} is an absolute path; layer tars must use relative names"
         )
-    if _too_long(name):
-        raise DriverError(f"tar {what} {_cut(name)!r} is a name of "
-                          f"{len(name.encode('utf-8', 'surrogateescape'))} bytes; Linux "
-                          f"paths are shorter than {PATH_MAX} bytes (PATH_MAX)")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UnsafeLayerError(f"tar {what} {name!r} climbs out of the layer with '..'")
@@ -129,9 +122,12 @@ def _ns(member: tarfile.TarInfo, key: str, fallback: int, shown: str) -> int:
     if not raw:
         return fallback
     m = _PAX_TIME.fullmatch(raw)
-    if m is None or not _TIME_MIN <= int(m.group(1)) <= _TIME_MAX:
+    if m is None:
         raise DriverError(f"tar entry {shown!r}: PAX {key} {raw[:40]!r} is not a time "
-                          "(seconds since 1970 as a 64-bit number, an optional fraction)")
+                          "(seconds since 1970, an optional fraction)")
+    if not _TIME_MIN <= int(m.group(1)) <= _TIME_MAX:
+        raise DriverError(f"tar entry {shown!r}: PAX {key} {raw[:40]!r} is beyond what a "
+                          "64-bit time holds")
     frac = int(((m.group(2) or "") + "000000000")[:9])
     return int(m.group(1)) * 1_000_000_000 + (-frac if raw.startswith("-") else frac)
 
@@ -187,7 +183,7 @@ def _check_member(member: tarfile.TarInfo, shown: str) -> None:
         if "\x00" in member.linkname:
             raise UnsafeLayerError(f"tar entry {shown!r}: its symlink target "
                                    f"{member.linkname!r} contains a NUL byte")
-        if _too_long(member.linkname):
+        if len(member.linkname.encode("utf-8", "surrogateescape")) >= PATH_MAX:
             raise DriverError(f"tar entry {shown!r}: its symlink target "
                               f"{_cut(member.linkname)!r} is {PATH_MAX} bytes or longer "
                               "(PATH_MAX)")
@@ -308,8 +304,8 @@ def _apply_member(
     elif member.islnk():
         try:
             tparts = split_member_name(member.linkname, "hard link target")
-        except UnsafeLayerError as e:
-            raise UnsafeLayerError(f"tar entry {shown!r}: {e}") from None
+        except DriverError as e:
+            raise type(e)(f"tar entry {shown!r}: {e}") from None
         if not tparts:
             raise UnsafeLayerError(f"tar entry {shown!r} is a hard link to the layer root")
         tshown = "/".join(tparts)

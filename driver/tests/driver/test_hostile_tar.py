@@ -23,9 +23,12 @@ import pytest
 from harness import need
 from layer_tools import (
     T0,
+    PluginClient,
+    PluginError,
     TarBuilder,
     apply,
     make_layer,
+    new_id,
 )
 
 from cvmfs_graphdriver.errors import DriverError, NotFoundError
@@ -407,3 +410,82 @@ def test_tar_of_the_tar_command_is_accepted(drv, tmp_path):
     layer = make_layer(drv, data=data)
     with open(os.path.join(drv.layout.home, layer, "diff", "d", "f"), "rb") as f:
         assert f.read() == b"f" * 3000
+
+
+# ---------------------------------------------------------------------------- finding 7
+
+_HUGE = "1" + "0" * 30
+BAD_FIELDS = [
+    ("pax-mtime-huge", pax([("mtime", _HUGE)]) + entry("f", b"x"), "f",
+     ["PAX mtime", "beyond what a 64-bit time holds"]),
+    ("pax-mtime-inf", pax([("mtime", "1e400")]) + entry("f", b"x"), "f",
+     ["PAX mtime '1e400' is not a time"]),
+    ("pax-atime-huge", pax([("atime", _HUGE)]) + entry("f", b"x"), "f", ["PAX atime"]),
+    ("base256-mtime-huge",
+     header("f", raw={136: b"\x80" + (1 << 80).to_bytes(11, "big")}), "f",
+     ["mtime 1208925819614629174706176 is beyond what a 64-bit time holds"]),
+    ("dir-mtime-huge", pax([("mtime", _HUGE)]) + header("d", kind=b"5"), "d", ["PAX mtime"]),
+    ("uid-minus-one", pax([("uid", 2**32 - 1)]) + entry("f", b"x"), "f",
+     ["uid 4294967295 is out of range (0 to 4294967294)"]),
+    ("uid-beyond-32-bits", pax([("uid", 2**32)]) + entry("f", b"x"), "f", ["uid 4294967296"]),
+    ("gid-negative", pax([("gid", -1)]) + entry("f", b"x"), "f", ["gid -1 is out of range"]),
+    ("uid-not-a-number", pax([("uid", "abc")]) + entry("f", b"x"), "f",
+     ["PAX uid 'abc' is not a number"]),
+    ("symlink-uid-huge", pax([("uid", 2**40)]) + header("s", kind=b"2", link="t"), "s",
+     ["uid 1099511627776"]),
+    ("xattr-name-with-nul", pax([(b"SCHILY.xattr.user.a\0b", "v")]) + entry("f", b"x"), "f",
+     ["xattr name 'user.a\\x00b'", "no NUL byte"]),
+    ("xattr-name-too-long", pax([("SCHILY.xattr.user." + "n" * 300, "v")]) + entry("f"), "f",
+     ["xattr name", "1 to 255 bytes"]),
+    ("xattr-value-too-big", pax([("SCHILY.xattr.user.big", "v" * 70_000)]) + entry("f"), "f",
+     ["xattr 'user.big' holds 70000 bytes", "65536"]),
+    ("component-beyond-name-max", pax([("path", "a" * 256)]) + entry("x", b"x"), "aaaa",
+     ["component of 256 bytes", "NAME_MAX"]),
+    ("symlink-target-beyond-path-max",
+     pax([("linkpath", "t" * 4096)]) + header("s", kind=b"2"), "s",
+     ["symlink target", "PATH_MAX"]),
+    ("symlink-target-with-nul", pax([("linkpath", b"a\0b")]) + header("s", kind=b"2"), "s",
+     ["symlink target 'a\\x00b' contains a NUL byte"]),
+    ("hard-link-target-beyond-name-max",
+     entry("t", b"x") + pax([("linkpath", "t" * 300)]) + header("h", kind=b"1"), "h",
+     ["hard link target", "component of 300 bytes", "NAME_MAX"]),
+    ("device-major-beyond-12-bits", header("dev", kind=b"3", raw={329: _octal(5000, 8)}),
+     "dev", ["device 5000:0 is out of range"]),
+    ("sparse-map-not-numbers",
+     pax([("GNU.sparse.size", 10), ("GNU.sparse.map", "0,x")]) + entry("f", b"x"), "offset 0",
+     ["the sparse map holds b'x', not a number"]),
+    ("sparse-size-not-a-number",
+     pax([("GNU.sparse.size", "ten"), ("GNU.sparse.map", "0,1")]) + entry("f", b"x"),
+     "offset 0", ["malformed header"]),
+]
+
+
+@pytest.mark.parametrize("data, shown, words", [(d, s, w) for _, d, s, w in BAD_FIELDS],
+                         ids=[i for i, _, _, _ in BAD_FIELDS])
+def test_field_no_system_call_takes_is_refused_naming_the_entry(drv, data, shown, words):
+    refused(drv, data + END, shown, *words)
+
+
+@pytest.fixture
+def inited(plugin, tmp_path) -> PluginClient:
+    plugin.call("Plugin.Activate")
+    plugin.call("GraphDriver.Init", {"Home": str(tmp_path / "home"), "Opts": None,
+                                     "UIDMaps": None, "GIDMaps": None})
+    return plugin
+
+
+@pytest.mark.parametrize("case", ["pax-mtime-huge", "base256-mtime-huge", "uid-beyond-32-bits",
+                                  "xattr-name-with-nul", "symlink-target-with-nul",
+                                  "sparse-size-not-a-number"])
+def test_plugin_answers_bad_fields_with_an_error_not_a_500(inited, case):
+    """Before, an OverflowError or ValueError from os.utime, os.chown, os.setxattr or
+    tarfile escaped as an internal error (HTTP 500)."""
+    data, shown, words = next((d, s, w) for i, d, s, w in BAD_FIELDS if i == case)
+    layer = new_id()
+    inited.call("GraphDriver.Create", {"ID": layer})
+    with pytest.raises(PluginError) as e:
+        inited.apply_diff(layer, "", data + END)
+    assert e.value.status == 200, e.value.message
+    for word in [layer, shown, *words]:
+        assert word in e.value.message, e.value.message
+    assert inited.call("GraphDriver.Exists", {"ID": layer}) == {"Exists": False}
