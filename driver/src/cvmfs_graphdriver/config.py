@@ -9,6 +9,11 @@
     log_level = info
     # Flush each applied layer to disk before reporting it complete (safe after power loss).
     sync_layers = true
+    # Most bytes one layer's files may take when it is applied (ApplyDiff), counted by
+    # their sizes (a sparse file by its whole size, as the layer's Diff writes it): a
+    # number of bytes, or with K, M, G or T (powers of 1024). 0: no limit of its own; a
+    # layer never takes more than is free on the filesystem holding the layers.
+    max_layer_bytes = 0
     # Where CVMFS repositories are mounted; thin layers cvmfs://REPO/PATH resolve to
     # <cvmfs_root>/REPO/PATH.
     cvmfs_root = /cvmfs
@@ -38,6 +43,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -48,6 +54,8 @@ SNAPSHOTTER_SECTION = "snapshotter"
 SNAPSHOTTER_KEYS = {"socket": "snapshotter_socket", "home": "snapshotter_home",
                     "trust_unrecorded_layers": "snapshotter_trust_unrecorded_layers"}
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SIZE_UNITS = {"K": 10, "M": 20, "G": 30, "T": 40}
+SIZE_RE = re.compile(r"([0-9]+) ?([KMGTkmgt]?)(?:(?<=[KMGTkmgt])iB)?", re.ASCII)  # 50G, 50 GiB
 
 
 class ConfigError(Exception):
@@ -59,6 +67,7 @@ class Config:
     socket: str = "/run/docker/plugins/cvmfs.sock"
     log_level: str = "info"
     sync_layers: bool = True
+    max_layer_bytes: int = 0
     cvmfs_root: str = "/cvmfs"
     repositories: Tuple[str, ...] = ()
     volumes: bool = True
@@ -81,7 +90,19 @@ def _parse_bool(key: str, value: str) -> bool:
     raise ConfigError(f"{key} = {value!r}: expected true or false")
 
 
+def parse_size(key: str, value: str) -> int:
+    """A size in bytes: digits, optionally followed by K, M, G or T (powers of 1024)."""
+    m = SIZE_RE.fullmatch(value.strip())
+    if m is None:
+        raise ConfigError(f"{key} = {value!r}: expected a number of bytes, optionally "
+                          "with K, M, G or T (powers of 1024, e.g. 50G)")
+    return int(m.group(1)) << SIZE_UNITS.get(m.group(2).upper(), 0)
+
+
 def validate(cfg: Config) -> Config:
+    if cfg.max_layer_bytes < 0:
+        raise ConfigError(f"max_layer_bytes = {cfg.max_layer_bytes}: must be 0 (no limit of "
+                          "its own) or a number of bytes")
     if cfg.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level = {cfg.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
     if not os.path.isabs(cfg.socket):
@@ -140,6 +161,8 @@ def parse(text: str, source: str = "<config>") -> Config:
             kind = known[key].type
             if kind in (bool, "bool"):
                 values[key] = _parse_bool(key, raw)
+            elif kind in (int, "int"):
+                values[key] = parse_size(key, raw)
             elif key == "repositories":
                 values[key] = parse_list(raw)
             else:

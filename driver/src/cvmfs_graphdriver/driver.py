@@ -392,7 +392,8 @@ class Driver:
             marker = layout.applying_marker(layer_id)
             write_durably(marker, "")
             diff = layout.diff(layer_id)
-            result = _apply(layer_id, stream, diff, whiteouts.OverlayUpper())
+            result = _apply(layer_id, stream, diff, whiteouts.OverlayUpper(),
+                            self.config.max_layer_bytes)
             size = fdtree.directory_size(diff)
             try:
                 self.thin.record(layer_id)
@@ -413,7 +414,8 @@ class Driver:
         NaiveDiffDriver.ApplyDiff); the size is what moby's UnpackLayer counts."""
         view = self.get(layer_id)
         try:
-            result = _apply(layer_id, stream, view, whiteouts.Flatten())
+            result = _apply(layer_id, stream, view, whiteouts.Flatten(),
+                            self.config.max_layer_bytes)
         finally:
             self.put(layer_id)
         if self.config.sync_layers:
@@ -551,13 +553,13 @@ class Driver:
             self._refs.clear()
 
 
-def _apply(layer_id: LayerId, stream: IO[bytes], root: str,
-           converter: whiteouts.Converter) -> archive.ApplyResult:
+def _apply(layer_id: LayerId, stream: IO[bytes], root: str, converter: whiteouts.Converter,
+           max_bytes: int) -> archive.ApplyResult:
     """archive.apply_tar, its failures worded for the user with the layer named. The
     stream is read to its end: a body that breaks after the tar's end-of-archive (the
     client went away, a chunked body without its last chunk) is no complete layer."""
     try:
-        result = archive.apply_tar(stream, root, converter)
+        result = archive.apply_tar(stream, root, converter, max_bytes)
         while stream.read(1 << 20):
             pass  # padding after the end-of-archive blocks, as tar writers add
         return result

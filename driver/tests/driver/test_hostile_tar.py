@@ -11,13 +11,16 @@ Tars tarfile cannot write are made here by hand, block by block.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pytest
 from harness import need
@@ -211,6 +214,105 @@ def refused(drv, data: bytes, *words: str) -> str:
         assert word in msg, msg
     assert_no_layer(drv, layer)
     return msg
+
+
+# ---------------------------------------------------------------------------- finding 3
+
+
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+def test_sparse_entry_is_written_with_holes(drv, fmt):
+    """A few KiB of tar with a 1 GiB sparse member: before, the GiB was written (a 4 GiB
+    member took 4 GiB of disk and 15-31 s)."""
+    segments = [(999_424, b"a" * 4096), (5_000_001, b"unaligned"), (GiB - 4, b"tail")]
+    data = SPARSE_FORMATS[fmt]("big", GiB, segments) + entry("after", b"next") + END
+    assert len(data) <= 10 * 1024
+    layer = make_layer(drv, data=data)
+    diff = os.path.join(drv.layout.home, layer, "diff")
+    assert_sparse_file(os.path.join(diff, "big"), GiB, segments)
+    with open(os.path.join(diff, "after"), "rb") as f:
+        assert f.read() == b"next"
+
+
+@pytest.mark.parametrize("fmt", SPARSE_FORMATS)
+def test_sparse_entry_reads_back_byte_for_byte_as_tarfile_extracts_it_densely(drv, fmt):
+    # 30 segments: GNU's 'S' entry needs two extension blocks; the file ends in a hole
+    segments = [(i * 100_003, bytes([i + 1]) * (i * 137 % 5000 + 1)) for i in range(30)]
+    size = (3 << 20) + 123
+    data = SPARSE_FORMATS[fmt]("f", size, segments) + END
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as t:
+        m = t.next()
+        assert m is not None and m.name == "f" and m.sparse is not None
+        src = t.extractfile(m)
+        assert src is not None
+        dense = src.read()
+    assert len(dense) == size
+    layer = make_layer(drv, data=data)
+    path = os.path.join(drv.layout.home, layer, "diff", "f")
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == hashlib.sha256(dense).hexdigest()
+    assert_sparse_file(path, size, segments)
+
+
+def test_sparse_tars_made_by_gnu_tar(drv, tmp_path):
+    tar = shutil.which("tar")
+    need(tar is not None and b"GNU tar" in subprocess.run(
+        [tar or "tar", "--version"], capture_output=True).stdout, "needs GNU tar")
+    src = tmp_path / "src"
+    src.mkdir()
+    segments = [(999_424, b"x" * 4096), (GiB - 4, b"tail")]
+    with open(src / "big", "wb") as f:
+        f.truncate(GiB)
+        for off, d in segments:
+            f.seek(off)
+            f.write(d)
+    for fmt in (["--format=gnu"], ["--format=posix", "--sparse-version=0.0"],
+                ["--format=posix", "--sparse-version=0.1"],
+                ["--format=posix", "--sparse-version=1.0"]):
+        data = subprocess.run([str(tar), "--sparse", *fmt, "-C", str(src), "-cf", "-", "big"],
+                              capture_output=True, check=True).stdout
+        assert len(data) <= 20 * 1024, fmt
+        layer = make_layer(drv, data=data)
+        assert_sparse_file(os.path.join(drv.layout.home, layer, "diff", "big"), GiB,
+                           segments)
+
+
+def test_layer_beyond_max_layer_bytes_is_refused_naming_the_entry_and_the_limit(new_driver):
+    drv = new_driver(max_layer_bytes=1 << 20)
+    data = TarBuilder().file("a", b"a" * 600_000).file("b", b"b" * 600_000).bytes()
+    msg = refused(drv, data, "'b'", "max_layer_bytes = 1048576", "1.1 MiB")
+    assert "'a'" not in msg
+    # its apparent size counts: a sparse GiB is beyond the limit too
+    refused(drv, gnu_sparse("big", GiB, [(0, b"x")]) + END, "'big'", "max_layer_bytes")
+    # within the limit
+    layer = make_layer(drv, data=TarBuilder().file("a", b"a" * 600_000).bytes())
+    assert drv.exists(layer)
+
+
+@pytest.fixture
+def small_fs(new_driver, tmp_path) -> Iterator[str]:
+    """A 16 MiB filesystem (unmounted before new_driver checks for leftover mounts)."""
+    path = tmp_path / "small"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "cgd-small",
+                    str(path)], check=True)
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_layer_beyond_the_free_space_is_refused_before_it_is_written(new_driver, small_fs,
+                                                                     sparse):
+    drv = new_driver(os.path.join(small_fs, "home"))
+    if sparse:
+        data = gnu_sparse("big", GiB, [(0, b"head"), (GiB - 4, b"tail")]) + END
+    else:
+        data = TarBuilder().file("big", b"x" * (20 << 20)).bytes()
+    free = os.statvfs(small_fs).f_bavail
+    msg = refused(drv, data, "'big'", "free space of the filesystem")
+    assert "20.0 MiB" in msg or "1.0 GiB" in msg, msg
+    assert os.statvfs(small_fs).f_bavail >= free - 16  # nothing of it was written
 
 
 # ---------------------------------------------------------------------------- finding 4

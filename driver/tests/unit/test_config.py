@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cvmfs_graphdriver.cli import main
 from cvmfs_graphdriver.config import Config, ConfigError, load, parse
 
 
@@ -90,3 +91,25 @@ def test_load_reads_the_file(tmp_path):
     p.write_text("[driver]\nlog_level = warning\n")
     assert load(str(p)) == Config(log_level="warning")
 
+
+
+@pytest.mark.parametrize("raw, value", [("0", 0), ("1048576", 1048576), ("50G", 50 << 30),
+                                        ("50 GiB", 50 << 30), ("2t", 2 << 40),
+                                        ("512k", 512 << 10)])
+def test_max_layer_bytes_takes_bytes_or_binary_units(raw, value):
+    assert parse(f"[driver]\nmax_layer_bytes = {raw}\n").max_layer_bytes == value
+
+
+@pytest.mark.parametrize("raw", ["-1", "1.5G", "10MB", "lots", ""])
+def test_bad_max_layer_bytes_names_key_and_value(raw):
+    with pytest.raises(ConfigError) as e:
+        parse(f"[driver]\nmax_layer_bytes = {raw}\n")
+    assert "max_layer_bytes" in str(e.value) and repr(raw) in str(e.value)
+
+
+def test_max_layer_bytes_is_no_limit_of_its_own_by_default_and_shown(capsys):
+    assert Config().max_layer_bytes == 0
+    with pytest.raises(ConfigError):
+        Config().replace(max_layer_bytes=-1)
+    assert main(["show-config", "--config", "/dev/null"]) == 0
+    assert "max_layer_bytes = 0" in capsys.readouterr().out.splitlines()
