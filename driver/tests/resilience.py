@@ -30,27 +30,32 @@ class Tally:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._recorded = False  # a check that found nothing (leaks(0)) still ran
 
     def hostile(self, refused: bool, n: int = 1) -> None:
         with self._lock:
+            self._recorded = True
             self.hostile_tried += n
             self.hostile_refused += n if refused else 0
 
     def fault(self, survived: bool) -> None:
         with self._lock:
+            self._recorded = True
             self.faults_injected += 1
             self.faults_survived += 1 if survived else 0
 
     def lost(self, nbytes: int) -> None:
         with self._lock:
+            self._recorded = True
             self.bytes_lost += nbytes
 
     def leaks(self, n: int) -> None:
         with self._lock:
+            self._recorded = True
             self.leaks_found += n
 
     def ran(self) -> bool:
-        return any(getattr(self, f.name) for f in fields(self))
+        return self._recorded or any(getattr(self, f.name) for f in fields(self))
 
     def line(self) -> str:
         contained = self.hostile_tried - self.hostile_refused
