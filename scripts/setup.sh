@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(docker.io docker-registry busybox-static python3-venv attr tar debootstrap
-  containerd runc)  # the last two: private containerds of the snapshotter tests
+APT_PACKAGES=(docker.io docker-registry busybox-static python3-venv attr tar debootstrap xfsprogs
+  containerd runc)  # xfsprogs: the disk-full faults on xfs; the last two: private containerds
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

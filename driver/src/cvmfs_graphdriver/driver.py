@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import threading
-from collections import defaultdict
-from typing import IO, Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 from . import __version__, archive, fdtree, mounts, whiteouts
 from .changes import Change, changes_dirs, changes_size
@@ -38,6 +38,12 @@ DiffWriter = Callable[[IO[bytes]], None]
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _LayerLock:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0  # holding or waiting: the entry goes with the last of them
+
+
 class Driver:
     """Layers under one home directory, laid out as overlay2 lays them out."""
 
@@ -50,7 +56,7 @@ class Driver:
         self._thin: Optional[ThinStacks] = None
         self._refs: Dict[str, int] = {}
         self._refs_lock = threading.Lock()
-        self._locks: Dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks: Dict[str, _LayerLock] = {}  # only while someone holds or waits
         self._locks_lock = threading.Lock()
         self.native_diff = True
         self._extra_opts = ""
@@ -67,9 +73,18 @@ class Driver:
     @contextlib.contextmanager
     def _locked(self, layer_id: str) -> Iterator[None]:
         with self._locks_lock:
-            lock = self._locks[layer_id]
-        with lock:
-            yield
+            entry = self._locks.get(layer_id)
+            if entry is None:
+                entry = self._locks[layer_id] = _LayerLock()
+            entry.users += 1
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._locks_lock:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._locks[layer_id]
 
     def _complete(self, layer_id: str) -> bool:
         d = self.layout.dir(layer_id)
@@ -119,7 +134,8 @@ class Driver:
     # ------------------------------------------------------------------ Init
 
     def init(
-        self, home: str, opts: Optional[List[str]], uid_maps: object, gid_maps: object
+        self, home: str, opts: Optional[List[str]], uid_maps: object, gid_maps: object,
+        *, recorded_refs: Optional[Mapping[str, object]] = None,
     ) -> None:
         if not home or not os.path.isabs(home):
             raise DriverError(f"Init: home must be an absolute path, got {home!r}")
@@ -155,20 +171,27 @@ class Driver:
             self._layout = layout
             self._thin = ThinStacks(layout, self.config, self._locked)
             self._refs = {}
-        self._recover()
-        self._save_state(layout.home)
+        self._recover(recorded_refs or {})
+        with self._refs_lock:
+            self._save_state()
         log.info("initialised home %s on %s (native diff %s)", layout.home, self.backing_fs,
                  self.native_diff)
 
-    def _save_state(self, home: str) -> None:
-        if not self.state_file:
+    def _save_state(self) -> None:
+        """Record the home and how many references dockerd holds on each mounted layer
+        (a container's Get, and one more for each commit, cp or export in progress):
+        a driver restarted under a running dockerd adopts the mounts with those counts,
+        so the Put of an interrupted commit does not unmount a running container's root.
+        Called with _refs_lock held."""
+        if not self.state_file or self._layout is None:
             return
+        state = {"Home": self._layout.home, "Refs": self._refs}
         try:
             os.makedirs(os.path.dirname(self.state_file), mode=0o755, exist_ok=True)
-            atomic_write(self.state_file, json.dumps({"Home": home}) + "\n")
+            atomic_write(self.state_file, json.dumps(state) + "\n")
         except OSError as e:
-            log.warning("cannot record the driver home in %s (a restart of the driver will "
-                        "need a dockerd restart): %s", self.state_file, e)
+            log.warning("cannot record the driver's state in %s (a restart of the driver "
+                        "will need a dockerd restart): %s", self.state_file, e)
 
     def restore(self) -> bool:
         """Init again with the home of the last Init, if one was recorded.
@@ -180,7 +203,10 @@ class Driver:
             return False
         try:
             with open(self.state_file, encoding="utf-8") as f:
-                home = json.load(f)["Home"]
+                state = json.load(f)
+            home, refs = state["Home"], state.get("Refs", {})
+            if not isinstance(refs, dict):
+                raise TypeError("Refs is not an object")
         except FileNotFoundError:
             return False
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -190,7 +216,7 @@ class Driver:
             log.info("recorded home %r is gone; waiting for dockerd's Init", home)
             return False
         try:
-            self.init(home, None, None, None)
+            self.init(home, None, None, None, recorded_refs=refs)
         except (OSError, DriverError) as e:
             log.warning("cannot resume with home %s from %s (waiting for dockerd's Init): %s",
                         home, self.state_file, e)
@@ -198,7 +224,7 @@ class Driver:
         log.info("resumed with home %s (recorded by the previous run)", home)
         return True
 
-    def _recover(self) -> None:
+    def _recover(self, recorded_refs: Mapping[str, object]) -> None:
         """Make the home consistent after a crash, adopting mounts still in use. One
         layer that cannot be put right is logged and left as it is (it is reported
         incomplete, or keeps what blocks it): it must never stop the start-up."""
@@ -216,7 +242,7 @@ class Driver:
         for name in sorted(os.listdir(layout.home)):
             if is_layer_name(name) and os.path.isdir(os.path.join(layout.home, name)):
                 self._recovery_step(f"layer {name}", self._recover_layer, LayerId(name),
-                                    mounted)
+                                    mounted, recorded_refs.get(name))
         for short in os.listdir(layout.links):
             link = layout.short_link(short)
             with contextlib.suppress(OSError):
@@ -237,7 +263,7 @@ class Driver:
             log.error("start-up recovery: %s failed, left as it is: %s: %s", what,
                       type(e).__name__, e, exc_info=not isinstance(e, (OSError, DriverError)))
 
-    def _recover_layer(self, name: LayerId, mounted: Set[str]) -> None:
+    def _recover_layer(self, name: LayerId, mounted: Set[str], recorded: object) -> None:
         layout = self.layout
         merged = layout.merged(name)
         if os.path.exists(layout.applying_marker(name)):
@@ -254,7 +280,10 @@ class Driver:
             log.warning("layer %s: recreating missing link l/%s", name, short)
             os.symlink(link_target(name), layout.short_link(short))
         if merged in mounted:
-            self._refs[name] = 1  # a container still uses it; its Put will release it
+            # Still used (a container at least): as many Puts will come as the previous
+            # run had Gets outstanding.
+            count = recorded if isinstance(recorded, int) and recorded > 0 else 1
+            self._refs[name] = count
 
     # ------------------------------------------------------------------ layers
 
@@ -280,7 +309,10 @@ class Driver:
                 raise DriverError(f"cannot create layer {layer_id}: {e}") from None
 
             staged = LayerDir(layout.staging_dir(layer_id))
-            os.mkdir(staged.path, 0o700)
+            try:
+                os.mkdir(staged.path, 0o700)
+            except OSError as e:
+                raise DriverError(f"cannot create layer {layer_id}: {_os_failure(e)}") from None
             try:
                 os.mkdir(staged.diff, 0o755)
                 os.chmod(staged.diff, 0o755)  # the layer root, whatever the umask
@@ -291,8 +323,11 @@ class Driver:
                     write_durably(staged.parent_file, parent)
                     os.mkdir(staged.work, 0o700)
                 os.rename(staged.path, layout.dir(layer_id))
-            except BaseException:
+            except BaseException as e:
                 fdtree.remove_tree(staged.path)
+                if isinstance(e, OSError):
+                    raise DriverError(f"cannot create layer {layer_id}: {_os_failure(e)}"
+                                      ) from None
                 raise
             os.symlink(link_target(layer_id), layout.short_link(short))
             if parent:
@@ -310,6 +345,7 @@ class Driver:
                 mounts.unmount(merged)
             with self._refs_lock:
                 self._refs.pop(layer_id, None)
+                self._save_state()
             self._remove_layer_dir(layer_id)
 
     def _remove_layer_dir(self, layer_id: LayerId) -> None:
@@ -338,6 +374,7 @@ class Driver:
             if count > 0 and mounts.is_mountpoint(merged):
                 with self._refs_lock:
                     self._refs[layer_id] = count + 1
+                    self._save_state()
                 return merged
             os.makedirs(merged, mode=0o700, exist_ok=True)
             if mounts.is_mountpoint(merged):
@@ -357,6 +394,7 @@ class Driver:
                 count = 0
             with self._refs_lock:
                 self._refs[layer_id] = count + 1
+                self._save_state()
             return merged
 
     def put(self, layer_id: LayerId) -> None:
@@ -367,6 +405,7 @@ class Driver:
                 count = self._refs.get(layer_id, 0)
                 if count > 1:
                     self._refs[layer_id] = count - 1
+                    self._save_state()
                     return
                 self._refs.pop(layer_id, None)
             merged = self.layout.merged(layer_id)
@@ -374,6 +413,8 @@ class Driver:
                 mounts.unmount(merged)
             except OSError as e:
                 raise DriverError(f"cannot unmount layer {layer_id} at {merged}: {e}") from None
+            with self._refs_lock:
+                self._save_state()  # after the unmount: a crash before it re-adopts the mount
             with contextlib.suppress(OSError):
                 os.rmdir(merged)
 
@@ -551,6 +592,7 @@ class Driver:
                 log.error("cleanup: %s", e)
         with self._refs_lock:
             self._refs.clear()
+            self._save_state()
 
 
 def _apply(layer_id: LayerId, stream: IO[bytes], root: str, converter: whiteouts.Converter,
@@ -566,5 +608,13 @@ def _apply(layer_id: LayerId, stream: IO[bytes], root: str, converter: whiteouts
     except DriverError as e:
         raise DriverError(f"layer {layer_id}: {e}") from None
     except OSError as e:
-        raise DriverError(f"layer {layer_id}: applying the layer failed: {e}"
-                          + (" (disk full?)" if e.errno == errno.ENOSPC else "")) from None
+        raise DriverError(f"layer {layer_id}: applying the layer failed: {_os_failure(e)}"
+                          ) from None
+
+
+def _os_failure(e: OSError) -> str:
+    """An OSError as the user reads it: what failed, and why, in words."""
+    why = str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        why += " (disk full: free space in the driver home, dockerd's data-root)"
+    return why

@@ -35,12 +35,6 @@ def _container_cycle(drv, base: str) -> None:
     drv.remove(init)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "driver.py: Driver._locks (a defaultdict of one threading.Lock per layer id, filled "
-    "by Driver._locked) never drops the entry of a removed layer: ~230 bytes per layer "
-    "ever created, without bound in a long-running daemon (a part of the soak's RSS drift). Fix: "
-    "count the holders of each entry and drop it on the last release (or drop it in "
-    "Remove under _locks_lock)"))
 def test_removed_layers_leave_no_per_layer_state(drv):
     base = make_layer(drv, data=TarBuilder().file("f", b"x").bytes())
     for _ in range(5):

@@ -36,6 +36,7 @@ serve = _fx.serve
 plugin = _fx.plugin
 
 from faultkit import FuseMount, detach_below  # noqa: E402
+from harness import need  # noqa: E402
 from layer_tools import PluginClient  # noqa: E402
 
 
@@ -57,8 +58,7 @@ def loopfs(as_root) -> Iterator[Callable[..., str]]:
 
     def make(fstype: str = "ext4", size_mb: int = 64) -> str:
         mkfs = shutil.which(f"mkfs.{fstype}")
-        if mkfs is None:
-            pytest.skip(f"mkfs.{fstype} is not installed")
+        need(mkfs is not None, f"mkfs.{fstype} is not installed (scripts/setup.sh)")
         base = tempfile.mkdtemp(prefix="cgd-loop-", dir="/tmp")
         made.append(base)
         image, mnt = os.path.join(base, "img"), os.path.join(base, "mnt")

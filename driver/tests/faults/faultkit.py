@@ -96,8 +96,18 @@ def did_not_hang(action: Callable[[], Any], seconds: float = HANG_SECONDS,
 
 
 def free_blocks(path: str) -> int:
-    st = os.statvfs(path)
-    return st.f_bfree
+    """Free blocks once the file system has settled: xfs frees the blocks of deleted
+    inodes in the background (inodegc), so it is synced and read until two readings
+    0.2 s apart agree (at most 10 s)."""
+    last = -1
+    for _ in range(50):
+        os.sync()
+        now = os.statvfs(path).f_bfree
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.2)
+    return last
 
 
 def fill(directory: str, chunk: int = 1 << 20) -> int:

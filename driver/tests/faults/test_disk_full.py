@@ -249,12 +249,6 @@ def test_create_on_a_full_disk_leaves_nothing(loopfs, plugin, tally):
     assert lost == 0 and leaks == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "driver.Driver.create lets the OSError(ENOSPC) of its mkdir/write_durably escape; "
-    "server._failed answers it as a 500 'internal error in the cvmfs graph driver: "
-    "OSError(28, ...)' that names no layer. Fix in driver.py create(): catch OSError "
-    "and raise DriverError(f'cannot create layer {layer_id}: {e.strerror}' + "
-    "' (disk full)' for ENOSPC/EDQUOT), as driver._apply words ApplyDiff's"))
 def test_create_on_a_full_disk_is_a_driver_error_naming_the_layer_and_disk_full(
         loopfs, plugin):
     _, _, failures = create_on_a_full_disk(loopfs, plugin)

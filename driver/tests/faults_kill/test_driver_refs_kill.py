@@ -47,11 +47,6 @@ def _layers(c: PluginClient, home: str):
     return rw
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "driver.py Driver._recover_layer adopts a mounted layer with a reference count of 1 "
-    "whatever dockerd holds; a transient Get (commit/cp/export) outstanding at the kill "
-    "makes its Put unmount a running container's root (fix: persist the counts, e.g. "
-    "beside the state file in /run, and restore them on adoption)"))
 def test_a_transient_put_after_a_kill_keeps_the_running_containers_mount(driver):
     drv, home = driver
     c = PluginClient(drv.socket)
