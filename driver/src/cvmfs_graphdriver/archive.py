@@ -22,7 +22,7 @@ import stat
 import tarfile
 import time
 from dataclasses import dataclass
-from typing import IO, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, Dict, Iterator, List, Optional, Tuple
 
 from . import fdtree, tarformat, tarread, whiteouts
 from .changes import CHANGE_DELETE, Change
@@ -59,44 +59,20 @@ def split_member_name(name: str, what: str = "entry") -> List[str]:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UnsafeLayerError(f"tar {what} {name!r} climbs out of the layer with '..'")
-    for part in parts:
-        if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
-            raise DriverError(f"tar {what} {_cut(name)!r} has a component of "
-                              f"{len(part.encode('utf-8', 'surrogateescape'))} bytes; Linux "
-                              f"names are at most {NAME_MAX} bytes (NAME_MAX)")
+    for i, part in enumerate(parts):
+        size = len(part.encode("utf-8", "surrogateescape"))
+        # A whiteout marker (the last component) stands for the name it deletes, which
+        # is what must fit: '.wh.' + a name of 255 bytes is a valid marker.
+        marker = i == len(parts) - 1 and part.startswith(whiteouts.PREFIX)
+        if size > NAME_MAX + (len(whiteouts.PREFIX) if marker else 0):
+            raise DriverError(f"tar {what} {_cut(name)!r} has a component of {size} bytes; "
+                              f"Linux names are at most {NAME_MAX} bytes (NAME_MAX)")
     return parts
 
 
 def _cut(name: str, keep: int = 200) -> str:
     """A name shortened for a message (an error quoting 4 KiB of it helps nobody)."""
     return name if len(name) <= keep else f"{name[:keep // 2]}...{name[-keep // 2:]}"
-
-
-class _DirWalker:
-    """Opens parent directories of tar entries below a root fd, creating missing ones."""
-
-    def __init__(self, root_fd: int) -> None:
-        self.root_fd = root_fd
-        self._cached: Optional[Tuple[Tuple[str, ...], int]] = None
-
-    def open_parent(self, parts: Sequence[str], *, create: bool, shown: str) -> int:
-        """Return an fd (owned by the walker: do not close) for the directory `parts`."""
-        key = tuple(parts)
-        if self._cached is not None and self._cached[0] == key:
-            return self._cached[1]
-        self.forget()
-        fd = fdtree.open_dirs(
-            self.root_fd, parts, create=create,
-            refuse=lambda where: f"tar entry {shown!r}: its parent {where!r} is a symlink or "
-            "not a directory; refusing to write through it",
-        )
-        self._cached = (key, fd)
-        return fd
-
-    def forget(self) -> None:
-        if self._cached is not None:
-            os.close(self._cached[1])
-            self._cached = None
 
 
 # ---------------------------------------------------------------------------- apply
@@ -212,7 +188,7 @@ def apply_tar(stream: IO[bytes], root: str, converter: Optional[whiteouts.Conver
     end-of-archive marker.
     """
     root_fd = os.open(root, fdtree.DIR_FLAGS)
-    walker = _DirWalker(root_fd)
+    walker = fdtree.DirStack(root_fd)  # where the entries go, in the tar's order
     result = ApplyResult()
     budget = tarread.SizeBudget(root_fd, max_bytes)
     dir_times: List[Tuple[List[str], Tuple[int, int]]] = []
@@ -235,11 +211,10 @@ def apply_tar(stream: IO[bytes], root: str, converter: Optional[whiteouts.Conver
             except tarfile.TarError as e:
                 raise DriverError(f"layer tar is corrupt or truncated "
                                   f"{tar.chain.where()}: {e}") from None
-        walker.forget()
         for parts, times in reversed(dir_times):
-            _set_dir_times(root_fd, parts, times)
+            _set_dir_times(walker, parts, times)
     finally:
-        walker.forget()
+        walker.close()
         os.close(root_fd)
     return result
 
@@ -248,7 +223,7 @@ def _apply_member(
     tar: tarread.LayerTarFile,
     member: tarfile.TarInfo,
     root_fd: int,
-    walker: _DirWalker,
+    walker: fdtree.DirStack,
     dir_times: List[Tuple[List[str], Tuple[int, int]]],
     result: ApplyResult,
     converter: Optional[whiteouts.Converter],
@@ -266,7 +241,10 @@ def _apply_member(
         return
     shown = "/".join(parts)
     base = parts[-1]
-    pfd = walker.open_parent(parts[:-1], create=True, shown=shown)
+    fdtree.go_to(walker, parts[:-1], create=True, refuse=lambda where: (
+        f"tar entry {shown!r}: its parent {where!r} is a symlink or not a directory; "
+        "refusing to write through it"))
+    pfd = walker.fd
     if whiteouts.apply_marker(converter, pfd, parts, member.uid, member.gid):
         result.whiteouts += 1
         return
@@ -378,15 +356,12 @@ def _set_metadata(fd: int, name: Optional[str], member: tarfile.TarInfo, shown: 
             os.chmod(path, member.mode & 0o7777)
 
 
-def _set_dir_times(root_fd: int, parts: List[str], times: Tuple[int, int]) -> None:
+def _set_dir_times(stack: fdtree.DirStack, parts: List[str], times: Tuple[int, int]) -> None:
     try:
-        fd = fdtree.open_dirs(root_fd, parts, create=False, refuse=lambda where: where)
+        fdtree.go_to(stack, parts, create=False, refuse=lambda where: where)
     except (OSError, UnsafeLayerError):
         return  # replaced by a later entry
-    try:
-        os.utime(fd, ns=times)
-    finally:
-        os.close(fd)
+    os.utime(stack.fd, ns=times)
 
 
 # ---------------------------------------------------------------------------- tar out
@@ -528,29 +503,13 @@ def export_changes(out: IO[bytes], root: str, changes: List[Change]) -> None:
                     app.stream.add(whiteouts.deletion_header(change.path, now))
                     continue
                 parts = change.path.strip("/").split("/")
-                if not _go_to(stack, parts[:-1]):
+                try:
+                    fdtree.go_to(stack, parts[:-1], create=False, refuse=_changed_under_us)
+                except FileNotFoundError:
                     continue  # the container changed under us; moby skips it too
+                except UnsafeLayerError as e:
+                    raise DriverError(str(e)) from None
                 app.add(stack.fd, parts[-1], os.fsencode(change.path[1:]), descend=False)
     finally:
         os.close(root_fd)
     app.close()
-
-
-def _go_to(stack: fdtree.DirStack, parts: List[str]) -> bool:
-    """Move `stack` to the directory `parts` below its root, through the deepest level
-    the two paths share (changes come sorted: a walk of the tree in all). False if it is
-    gone; DriverError if a component became a symlink or non-directory."""
-    common = 0
-    while (common < min(len(parts), stack.depth)
-           and stack.names[common] == parts[common]):
-        common += 1
-    while stack.depth > common:
-        stack.pop()
-    for part in parts[common:]:
-        try:
-            stack.push(part)
-        except FileNotFoundError:
-            return False
-        except UnsafeLayerError:
-            raise DriverError(_changed_under_us("/".join(stack.names + [part]))) from None
-    return True

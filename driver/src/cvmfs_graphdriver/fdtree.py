@@ -172,6 +172,33 @@ class DirStack:
         self.close()
 
 
+def go_to(stack: DirStack, parts: Sequence[str], *, create: bool,
+          refuse: Callable[[str], str]) -> None:
+    """Move `stack` to the directory `parts` below its root, through the deepest level
+    the two paths share: a walk of names in tree order costs one step per name, at any
+    depth. Missing directories are made (0755, whatever the umask) when `create`, else
+    FileNotFoundError; a component that is a symlink or no directory is an
+    UnsafeLayerError worded by `refuse(where)`."""
+    common = 0
+    limit = min(len(parts), stack.depth)
+    while common < limit and stack.names[common] == parts[common]:
+        common += 1
+    while stack.depth > common:
+        stack.pop()
+    for part in parts[common:]:
+        try:
+            try:
+                stack.push(part)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(part, 0o755, dir_fd=stack.fd)
+                stack.push(part)
+                os.chmod(stack.fd, 0o755)  # as moby's untar makes missing parents
+        except UnsafeLayerError:
+            raise UnsafeLayerError(refuse("/".join([*stack.names, part]))) from None
+
+
 def sorted_names(dir_fd: int) -> List[str]:
     """The names in a directory in byte order, as Go's Walk visits them."""
     return sorted(os.listdir(dir_fd), key=os.fsencode)

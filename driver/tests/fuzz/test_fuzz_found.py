@@ -33,12 +33,6 @@ def test_a_trailing_newline_is_no_part_of_a_repository_name_or_digest(entry):
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, reason=(
-    "archive.split_member_name applies NAME_MAX to the whole marker name: '.wh.' + a "
-    "name of 252-255 bytes is refused, though the marker deletes a name Linux can hold "
-    "(and write_layer_tar writes such markers for a deleted file). Fix in archive.py: "
-    "check NAME_MAX on the name a whiteout marker stands for (whiteouts.classify), not "
-    "on the marker"))
 def test_a_whiteout_of_a_name_of_255_bytes_round_trips(tmp_path):
     name = "n" * 255
     src, dst = tmp_path / "src", tmp_path / "dst"
