@@ -354,6 +354,13 @@ ROUTES: Dict[str, Route] = {
 STREAMED_BODIES = frozenset({"GraphDriver.ApplyDiff"})
 
 
+def _at_least_http_1_0(version: str) -> bool:
+    """Whether `version` (a request's "HTTP/x.y", as http.server has checked it) is 1.0 or
+    later; False for anything else."""
+    m = re.fullmatch(r"HTTP/([0-9]+)\.([0-9]+)", version)
+    return m is not None and (int(m[1]), int(m[2])) >= (1, 0)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: PluginServer
@@ -401,14 +408,32 @@ class Handler(BaseHTTPRequestHandler):
         text = message or self.responses.get(code, ("refused",))[0]
         self.log_error("code %d, message %s", code, text)
         self.close_connection = True
-        if getattr(self, "request_version", "") == "HTTP/0.9":
-            # A garbled request line reads as HTTP/0.9, which has no status line: answer
-            # as HTTP/1.0 so that the client sees the status and the reason.
+        if not _at_least_http_1_0(getattr(self, "request_version", "")):
+            # A garbled request line reads as HTTP/0.9, which has no status line (nor
+            # does a version below 1.0): answer as HTTP/1.0 so that the client sees the
+            # status and the reason.
             self.request_version = "HTTP/1.0"
         self._error(text, code, {"Allow": "POST"} if code == 405 else None)
 
     def parse_request(self) -> bool:
+        # http.server answers HTTP/0.9 in its own way, a body with no status line and no
+        # headers: both for a simple request (no version on the line) and for a full
+        # request line that names a version below 1.0. Plugin calls are HTTP/1.x: refuse
+        # both with a 505 and a status line (send_error answers as HTTP/1.0), before the
+        # headers of a simple request are waited for.
+        line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        if len(line.split()) == 2:
+            # what http.server's parse_request sets first (log_request reads them)
+            self.command, self.requestline = None, line  # type: ignore[assignment]
+            self.request_version = "HTTP/1.0"
+            self.send_error(505, "a request line with no HTTP version (an HTTP/0.9 "
+                            "request): plugin calls are HTTP/1.0 or HTTP/1.1")
+            return False
         if not super().parse_request():
+            return False
+        if not _at_least_http_1_0(self.request_version):
+            self.send_error(505, f"HTTP version {self.request_version[:20]!r} is not "
+                            "supported: plugin calls are HTTP/1.0 or HTTP/1.1")
             return False
         if self.command != "POST":
             self.send_error(405, f"{self.command[:20]!r} is not a plugin call: calls are "

@@ -488,6 +488,12 @@ def test_json_bodies_of_the_wrong_shape_are_answered_400_naming_the_field(inited
     (b"DELETE /GraphDriver.Remove HTTP/1.1", 405, "'DELETE' is not a plugin call"),
     (b"garbage", 400, "Bad request syntax"),
     (b"POST /x HTTP/9.9", 505, "Invalid HTTP version"),
+    # HTTP/0.9 (no status line in http.server's answer) and below 1.0: a 505 with one
+    (b"POST /Plugin.Activate HTTP/0.9", 505, "'HTTP/0.9' is not supported"),
+    (b"POST /Plugin.Activate HTTP/0.5", 505, "'HTTP/0.5' is not supported"),
+    (b"POST /Plugin.Activate HTTP/00.99", 505, "'HTTP/00.99' is not supported"),
+    (b"POST /Plugin.Activate", 505, "no HTTP version"),
+    (b"GET /Plugin.Activate", 505, "no HTTP version"),
 ])
 def test_requests_that_are_not_plugin_calls_are_answered_as_errors(inited, request_line,
                                                                  status, words):

@@ -3,7 +3,6 @@ as @example cases too, where the bug is fixed)."""
 
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import os
@@ -46,14 +45,24 @@ def test_a_whiteout_of_a_name_of_255_bytes_round_trips(tmp_path):
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, raises=http.client.BadStatusLine, reason=(
-    "server.Handler takes 'HTTP/0.9' in a full request line as the request's version and "
-    "answers in http.server's 0.9 mode: the JSON body with no status line and no headers. "
-    "Fix in server.py (Handler.parse_request): refuse a version below HTTP/1.0 (505), or "
-    "answer it as HTTP/1.0, as send_error already does for a garbled line"))
-def test_a_full_request_line_of_http_0_9_is_answered_with_a_status_line(plugin_socket):
+@pytest.mark.parametrize("line, words", [
+    (b"POST /Plugin.Activate HTTP/0.9", "'HTTP/0.9' is not supported"),
+    (b"POST /Plugin.Activate HTTP/0.1", "'HTTP/0.1' is not supported"),
+    (b"POST /Plugin.Activate", "no HTTP version"),  # an HTTP/0.9 simple request
+])
+def test_a_full_request_line_of_http_0_9_is_answered_with_a_status_line(plugin_socket, line,
+                                                                         words):
+    """server.Handler took 'HTTP/0.9' in a full request line as the request's version and
+    answered in http.server's 0.9 mode: the JSON body with no status line and no headers
+    (http.client.BadStatusLine). A version below 1.0, or none, is a 505 with a status
+    line and the {"Err": ...} body of every refusal."""
     from test_fuzz_requests import exchange
 
-    answer = exchange(plugin_socket, b"POST /Plugin.Activate HTTP/0.9\r\n"
-                                     b"Content-Length: 0\r\n\r\n")
+    answer = exchange(plugin_socket, line + b"\r\nContent-Length: 0\r\n\r\n")
     assert answer is not None and answer[0] in (200, 400, 505)
+    status, headers, raw = answer
+    assert status == 505, raw
+    assert headers.get("content-type") == "application/vnd.docker.plugins.v1+json"
+    assert words in json.loads(raw)["Err"], raw
+    ok = exchange(plugin_socket, b"POST /Plugin.Activate HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    assert ok is not None and ok[0] == 200

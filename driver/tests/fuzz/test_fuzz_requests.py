@@ -70,10 +70,8 @@ def requests(draw: st.DrawFn) -> bytes:
     target = draw(st.sampled_from([f"/{method}"] * 6 + [
         f"/{method}?id={LAYER}&parent=", f"/{method}?id=../x", "//[x", "*", "/", "",
         f"/{method}?%zz", "http://h/" + method, "/" + "a" * 70000]))
-    # Not "HTTP/0.9" with a full request line: answered with no status line (a bug,
-    # test_fuzz_found.py's strict xfail).
     version = draw(st.sampled_from(["HTTP/1.1"] * 6 + ["HTTP/1.0", "HTTP/2.0", "HTTP/1.x",
-                                                       ""]))
+                                                       "HTTP/0.9", "HTTP/0.5", ""]))
     line = " ".join(x for x in (verb, target, version) if x or draw(st.booleans()))
     headers = ["Host: plugin"]
     framing = draw(st.sampled_from(["length"] * 4 + ["chunked"] * 2 + [
@@ -131,6 +129,7 @@ def exchange(path: str, data: bytes) -> Optional[Tuple[int, dict, bytes]]:
 @settings(max_examples=examples(200))
 @given(data=requests())
 @example(data=b"POST /GraphDriver.Exists HTTP/1.1\r\nContent-Length: 3\r\n\r\n[[[")
+@example(data=b"POST /Plugin.Activate HTTP/0.9\r\nContent-Length: 0\r\n\r\n")
 def test_http_requests_are_answered_or_closed_and_the_server_keeps_serving(
         plugin_socket, tally, data):
     before_threads, before_fds = threads(), open_fds()
