@@ -257,23 +257,16 @@ def test_create_on_a_full_disk_is_a_driver_error_naming_the_layer_and_disk_full(
         assert layer in error.message and DISK_FULL.search(error.message), error.message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "snapshotter on a full home: Commit fails (sqlite3.OperationalError 'database or disk "
-    "is full', unwrapped: it names no snapshot), and then Remove of the still active "
-    "snapshot fails the same way, so containerd cannot free the space it holds: "
-    "OverlaySnapshotter.remove (snapshotter/overlay.py) commits the removal in sqlite's "
-    "WAL before deleting the directory, and the WAL cannot grow. Fix in "
-    "snapshotter/metastore.py: keep a small reserve file in the home, released (then "
-    "restored) when a write transaction meets SQLITE_FULL, and wrap sqlite3.Error as a "
-    "SnapshotterError naming the key"))
 def test_snapshotter_prepare_write_until_full_commit(loopfs, tally):
     """The snapshotter's home on a small file system: a container (Prepare) writes until
     ENOSPC, then Commit (its metadata, sqlite's WAL, needs a little room too) and Remove.
     Whichever way Commit goes, it goes all the way or not at all, the snapshot can be
-    removed, the space comes back and a committed snapshot is intact."""
-    import sqlite3
+    removed, the space comes back and a committed snapshot is intact.
 
-    from cvmfs_graphdriver.snapshotter.errdefs import SnapshotterError
+    It was: Commit failed with sqlite3.OperationalError 'database or disk is full', which
+    named no snapshot, and Remove of the still active snapshot failed the same way (its
+    metadata went first, and the WAL could not grow), so the space stayed taken."""
+    from cvmfs_graphdriver.snapshotter.errdefs import ResourceExhausted, SnapshotterError
     from cvmfs_graphdriver.snapshotter.overlay import OverlaySnapshotter
 
     mnt = loopfs("ext4", 64)
@@ -298,8 +291,11 @@ def test_snapshotter_prepare_write_until_full_commit(loopfs, tally):
         try:
             sn.commit("c", "k")
             name = "c"
-        except (SnapshotterError, OSError, sqlite3.Error) as e:  # full: nothing half-done
+        except SnapshotterError as e:  # full: nothing half-done
             assert "full" in str(e) or "space" in str(e), e
+            # a containerd error: the snapshot named, the disk said full, its own code
+            assert isinstance(e, ResourceExhausted), repr(e)
+            assert "failed to commit snapshot k" in str(e) and "disk full" in str(e), e
             name = "k"
         assert {i.name for i in sn.walk()} == {"base", name}
         sn.remove(name)

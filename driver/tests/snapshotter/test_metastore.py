@@ -17,6 +17,7 @@ from cvmfs_graphdriver.snapshotter.errdefs import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
 )
 from cvmfs_graphdriver.snapshotter.metastore import (
     KIND_ACTIVE,
@@ -262,9 +263,10 @@ def test_a_failed_commit_leaves_no_transaction_open(ms):
 
     real = ms._db
     ms._db = FailingCommit(real)
-    with pytest.raises(sqlite3.OperationalError, match="disk is full"), \
-            ms.transaction(write=True) as tx:
+    with pytest.raises(ResourceExhausted, match="disk full: cannot write snapshot metadata "
+                       ".*disk is full") as failed, ms.transaction(write=True) as tx:
         tx.create_snapshot(KIND_ACTIVE, "lost", "", {})
+    assert isinstance(failed.value.__cause__, sqlite3.OperationalError)  # SQLite's own
     ms._db = real
     assert not real.in_transaction
     with ms.transaction(write=True) as tx:  # works again, and nothing was recorded

@@ -4,6 +4,7 @@ overlay mounts (root): crash leftovers, Cleanup, the remote-snapshot hook."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from cvmfs_graphdriver.snapshotter.errdefs import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
 )
 from cvmfs_graphdriver.snapshotter.metastore import KIND_ACTIVE, KIND_COMMITTED, Lower, Usage
 from cvmfs_graphdriver.snapshotter.mountspec import (
@@ -261,6 +263,110 @@ def test_remote_committed_snapshot_is_mounted_through_its_resolver(sn, tmp_path)
     assert sn.stat("c").kind == KIND_ACTIVE
 
 
+# ------------------------------------------------------------------ a full disk
+
+
+class FullDisk:
+    """The metadata connection of `sn` with its next `fails` COMMITs failing as SQLite
+    fails them when the WAL cannot grow (the loop-mounted disk of tests/faults does it
+    for real)."""
+
+    def __init__(self, sn, fails: int) -> None:
+        self.db, self.fails, self.sn = sn.ms._db, fails, sn
+        sn.ms._db = self
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and self.fails > 0:
+            self.fails -= 1
+            self.db.execute("ROLLBACK")  # what SQLite does on SQLITE_FULL
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+    def mend(self) -> None:
+        self.sn.ms._db = self.db
+
+
+def test_a_full_disk_is_resource_exhausted_naming_the_snapshot_and_changes_nothing(sn):
+    sn.prepare("a", "")
+    before = sn.walk()
+    full = FullDisk(sn, fails=3)
+    with pytest.raises(ResourceExhausted, match=r"^failed to commit snapshot a: disk full: "
+                       r"cannot write snapshot metadata .*database or disk is full"):
+        sn.commit("A", "a")
+    with pytest.raises(ResourceExhausted, match="^failed to create snapshot b: disk full"):
+        sn.prepare("b", "")
+    with pytest.raises(ResourceExhausted, match="^failed to update snapshot a: disk full"):
+        sn.update("a", {"x": "y"})
+    assert full.fails == 0
+    full.mend()
+    assert sn.walk() == before
+    assert os.listdir(sn.layout.staging) == []
+    sn.cleanup()  # the directory of the create that did not commit, as after a crash
+    assert os.listdir(sn.layout.snapshots) == ["1"]  # a's
+    sn.commit("A", "a")  # the store is usable again once there is room
+    assert sn.stat("A").kind == KIND_COMMITTED
+
+
+def test_remove_on_a_full_disk_frees_the_files_first(sn):
+    sn.prepare("base", "")
+    sn.commit("BASE", "base")
+    sn.prepare("a", "BASE")
+    sid = _id_of(sn.mounts("a"))
+    with open(os.path.join(sn.layout.fs(sid), "big"), "wb") as f:
+        f.write(b"x" * 100_000)
+    full = FullDisk(sn, fails=1)  # the metadata-first commit fails; after the files, room
+    sn.remove("a")
+    assert full.fails == 0
+    assert [i.name for i in sn.walk()] == ["BASE"]
+    assert not os.path.lexists(sn.layout.dir(sid))
+    assert os.listdir(sn.layout.staging) == []
+    # the checks still come first: a parent is refused, its files untouched
+    sn.prepare("b", "BASE")
+    FullDisk(sn, fails=1)
+    with pytest.raises(FailedPrecondition, match="cannot remove snapshot with child"):
+        sn.remove("BASE")
+    assert os.path.isdir(sn.layout.fs(_id_of(sn.mounts("b"))))
+
+
+@pytest.mark.parametrize("finish", ["restart", "cleanup", "remove"])
+def test_a_removal_whose_files_went_but_whose_row_stayed_is_finished(sn, finish):
+    """The disk too full even once the snapshot's files are gone: Remove says so, naming
+    it; its tombstone in staging/ has start-up (or Cleanup) forget it, or the next Remove
+    ends it: no snapshot without its directory is reported after a restart."""
+    sn.prepare("base", "")
+    sn.commit("BASE", "base")
+    sn.prepare("a", "BASE")
+    sid = _id_of(sn.mounts("a"))
+    full = FullDisk(sn, fails=2)
+    with pytest.raises(ResourceExhausted, match="^failed to remove snapshot a: disk full"):
+        sn.remove("a")
+    full.mend()
+    assert not os.path.lexists(sn.layout.dir(sid))
+    tombs = os.listdir(sn.layout.staging)
+    assert len(tombs) == 1 and tombs[0].startswith(f"del-{sid}-")
+    assert os.listdir(os.path.join(sn.layout.staging, tombs[0])) == []  # space freed
+    if finish == "restart":
+        home = sn.layout.home
+        sn.close()
+        again = OverlaySnapshotter(home, sync_commits=False)
+        try:
+            assert [i.name for i in again.walk()] == ["BASE"]
+            assert os.listdir(again.layout.staging) == []
+            assert again.prepare("after", "BASE")  # ids still line up
+        finally:
+            again.close()
+        return
+    if finish == "cleanup":
+        sn.cleanup()
+    else:
+        sn.remove("a")
+    assert [i.name for i in sn.walk()] == ["BASE"]
+    assert os.listdir(sn.layout.staging) == []
+
+
 # ------------------------------------------------------------------ crash points
 
 CRASH = """
@@ -294,6 +400,34 @@ elif point == "remove-during-move":  # the directory moved aside, then the crash
     sn._orphans_to_staging = lambda ids: (real_move(ids), crash())
 elif point == "remove-after-move":  # metadata gone, directory moved to staging/
     sn._delete = crash
+elif point.startswith("remove-full-"):  # the disk full: the metadata-first commit fails
+    real_tx = metastore.MetaStore._tx
+    commits = []
+
+    def full_once(self, write):
+        if not write or commits:
+            return real_tx(self, write)
+        commits.append(1)
+
+        class Once:
+            def __enter__(self_):
+                self_.cm = real_tx(self, write)
+                return self_.cm.__enter__()
+
+            def __exit__(self_, *exc):
+                if exc[0] is None:
+                    self_.cm.__exit__(ValueError, ValueError(), None)
+                    raise metastore.sqlite3.OperationalError("database or disk is full")
+                return self_.cm.__exit__(*exc)
+        return Once()
+    metastore.MetaStore._tx = full_once
+    if point == "remove-full-after-tombstone":  # files-first: moved aside, then the crash
+        real_tomb = sn._to_tombstone
+        sn._to_tombstone = lambda sid: (real_tomb(sid), crash())
+    elif point == "remove-full-after-emptying":  # freed, the row not yet forgotten
+        sn._empty = lambda path: (overlay.OverlaySnapshotter._empty(sn, path), crash())
+    else:  # remove-full-after-commit: row forgotten, the tombstone still there
+        sn._orphans_to_staging = crash
 if point.startswith("create"):
     sn.prepare("new", "BASE")
 else:
@@ -309,6 +443,9 @@ sys.exit("no crash happened")
     ("remove-after-commit", {"BASE"}),
     ("remove-during-move", {"BASE"}),
     ("remove-after-move", {"BASE"}),
+    ("remove-full-after-tombstone", {"BASE"}),
+    ("remove-full-after-emptying", {"BASE"}),
+    ("remove-full-after-commit", {"BASE"}),
 ])
 def test_crash_at_each_step_leaves_whole_snapshots_only(tmp_path, point, present):
     need(os.geteuid() == 0, "needs root (chown)")

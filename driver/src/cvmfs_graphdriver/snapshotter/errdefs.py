@@ -51,6 +51,14 @@ class Unavailable(SnapshotterError):
     suffix = "unavailable"
 
 
+class ResourceExhausted(SnapshotterError):
+    """Out of a resource, the disk above all (containerd's errdefs.ErrResourceExhausted;
+    a containerd whose errdefs lack it reads the code as Unknown, keeping the message)."""
+
+    code_name = "RESOURCE_EXHAUSTED"
+    suffix = "resource exhausted"
+
+
 class NotImplemented_(SnapshotterError):  # noqa: N801 (the builtin name is taken)
     code_name = "UNIMPLEMENTED"
     suffix = "not implemented"

@@ -41,7 +41,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from . import filters
-from .errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .errdefs import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    SnapshotterError,
+)
 
 KIND_UNKNOWN, KIND_VIEW, KIND_ACTIVE, KIND_COMMITTED = 0, 1, 2, 3
 KIND_NAMES = {KIND_VIEW: "view", KIND_ACTIVE: "active", KIND_COMMITTED: "committed"}
@@ -71,6 +78,28 @@ CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
 
 class MetaStoreError(Exception):
     """The database cannot be used (newer schema, corrupt file); says what to do."""
+
+
+class StoreError(SnapshotterError):
+    """A read or write of the metadata failed (an I/O error): Unknown, with SQLite's
+    message. The caller puts the snapshot it was working on in front (`wrap`)."""
+
+
+class StoreFull(ResourceExhausted):
+    """The metadata cannot be written: the disk holding it is full (SQLITE_FULL: the WAL
+    cannot grow)."""
+
+
+SQLITE_FULL = 13  # the primary result code; extended codes keep it in the low byte
+
+
+def store_error(path: str, e: sqlite3.Error) -> SnapshotterError:
+    """What a failed SQLite call on the database at `path` is to the snapshotter."""
+    code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+
+    if (isinstance(code, int) and code & 0xFF == SQLITE_FULL) \
+            or "database or disk is full" in str(e):
+        return StoreFull(f"disk full: cannot write snapshot metadata {path} ({e})")
+    return StoreError(f"snapshot metadata {path}: {e}")
 
 
 @dataclass(frozen=True)
@@ -199,7 +228,11 @@ class MetaStore:
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite may have rolled back already (SQLITE_FULL, I/O errors): a second
+                # ROLLBACK would fail and hide the error that matters.
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
             if not write:
                 db.execute("ROLLBACK")
@@ -220,9 +253,15 @@ class MetaStore:
         Transactions are serialised (one connection, one lock): file system work done
         inside the block (the rename that puts a new snapshot in place) is atomic with
         the metadata change as far as other requests can see.
+
+        SQLite's own failures (a full disk above all) come out as StoreFull or
+        StoreError, snapshotter errors the gRPC service answers with a code.
         """
-        with self._tx(write) as db:
-            yield Transaction(db, write)
+        try:
+            with self._tx(write) as db:
+                yield Transaction(db, write)
+        except sqlite3.Error as e:
+            raise store_error(self.path, e) from e
 
 
 class Transaction:
@@ -417,6 +456,16 @@ class Transaction:
             raise FailedPrecondition("cannot remove snapshot with child")
         self._db.execute("DELETE FROM snapshots WHERE id = ?", (row[0],))
         return str(row[0]), row[2]
+
+    def forget(self, snapshot_id: str) -> bool:
+        """Delete the row of `snapshot_id` if there is one and it has no children: the
+        end of a removal whose directory went first (see OverlaySnapshotter.remove).
+        Whether a row was deleted."""
+        self._need_write()
+        if self.has_children(snapshot_id):
+            return False
+        cur = self._db.execute("DELETE FROM snapshots WHERE id = ?", (int(snapshot_id),))
+        return cur.rowcount > 0
 
     def update_info(self, name: str, labels: Optional[Mapping[str, str]],
                     fieldpaths: Sequence[str] = ()) -> Info:

@@ -14,7 +14,9 @@ directory flushed; the transaction commits last. Killed at any point, the daemon
 restarts with the snapshot fully there (metadata and directory) or absent (at most a
 directory without metadata, which `Cleanup` and the next `Remove` delete; a later
 snapshot given the same id by a rolled-back sequence replaces it). Removal is the
-reverse: metadata first, then the directory is renamed into `staging/` and deleted.
+reverse: metadata first, then the directory is renamed into `staging/` and deleted; on a
+full disk, where the metadata cannot be written, the directory goes first, renamed into
+`staging/` as a tombstone that start-up and `Cleanup` complete (see `remove`).
 `staging/` is emptied at start. The daemon never mounts or unmounts snapshots, so
 restarting it does not disturb running containers.
 
@@ -32,12 +34,13 @@ import logging
 import os
 import tempfile
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+import uuid
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 from .. import fdtree
 from .. import mounts as host_mounts
 from ..files import fsync_dir
-from .errdefs import FailedPrecondition, InvalidArgument, SnapshotterError
+from .errdefs import FailedPrecondition, InvalidArgument, ResourceExhausted, SnapshotterError
 from .layout import SnapshotterLayout
 from .metastore import (
     KIND_ACTIVE,
@@ -46,6 +49,9 @@ from .metastore import (
     Lower,
     MetaStore,
     Snapshot,
+    StoreError,
+    StoreFull,
+    Transaction,
     Usage,
 )
 from .mountspec import Mount, MountOptions, needs_userxattr, snapshot_mounts, supports_index
@@ -63,6 +69,10 @@ PrepareHook = Callable[["OverlaySnapshotter", str, str, Mapping[str, str]], None
 CommitHook = Callable[[str], Optional[Dict[str, Any]]]
 
 BLOCK_UNIT = 512  # st_blocks unit
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# staging/del-<id>-<random>: the directory of snapshot <id>, whose removal is decided but
+# whose row may still be in the metadata (see OverlaySnapshotter.remove).
+TOMBSTONE_PREFIX = "del-"
 
 
 def disk_usage(root: str) -> Usage:
@@ -138,6 +148,9 @@ class OverlaySnapshotter:
         self.options = MountOptions(
             index_off=supports_index() if index_off is None else index_off,
             userxattr=needs_userxattr(home) if userxattr is None else userxattr)
+        if self._tombstones():  # removals that freed their directory, then were cut off
+            with self._writing("failed to finish the removals a restart interrupted") as tx:
+                self._finish_removals(tx)
         for leftover in os.listdir(self.layout.staging):  # nothing in staging/ is in use
             _remove_tree(os.path.join(self.layout.staging, leftover))
 
@@ -171,7 +184,7 @@ class OverlaySnapshotter:
         if given, fills the staging copy of that directory before it is renamed into place,
         inside the transaction. Returns the id. Errors as Prepare's (AlreadyExists when
         `name` exists, NotFound / InvalidArgument for the parent)."""
-        with self.ms.transaction(write=True) as tx:
+        with self._writing(f"failed to commit snapshot {name}") as tx:
             td = tempfile.mkdtemp(prefix="new-", dir=self.layout.staging)
             try:
                 sid = tx.create_committed(name, parent, remote, usage or Usage(), labels)
@@ -191,7 +204,7 @@ class OverlaySnapshotter:
 
     def update(self, name: str, labels: Optional[Mapping[str, str]],
                fieldpaths: Sequence[str] = ()) -> Info:
-        with self.ms.transaction(write=True) as tx:
+        with self._writing(f"failed to update snapshot {name}") as tx:
             return tx.update_info(name, labels, fieldpaths)
 
     def usage(self, key: str) -> Usage:
@@ -229,7 +242,7 @@ class OverlaySnapshotter:
             remote = self._remote_of(sid)
             if self.sync_commits:
                 host_mounts.syncfs(self.layout.fs(sid))
-        with self.ms.transaction(write=True) as tx:
+        with self._writing(f"failed to commit snapshot {key}") as tx:
             now_id, now_info, _ = tx.get_info(key)
             if now_id != sid and now_info.kind == KIND_ACTIVE:
                 # removed and prepared again meanwhile: measure that one
@@ -241,16 +254,35 @@ class OverlaySnapshotter:
                 raise e.wrap("failed to commit snapshot") from None
 
     def remove(self, key: str) -> None:
-        with self.ms.transaction(write=True) as tx:
-            try:
-                tx.remove(key)
-            except SnapshotterError as e:
-                raise e.wrap("failed to remove") from None
-        # Only once the removal is committed does its directory go (as containerd's
-        # Remove): a crash or a failed commit before then leaves the snapshot whole. A
-        # crash after it leaves an orphan, which Cleanup or the next Remove deletes.
+        # The order. Normally the metadata goes first (containerd's order): only once the
+        # removal is committed does the directory go, so a crash or a failed commit before
+        # then leaves the snapshot whole, and a crash after it leaves an orphan directory,
+        # which start-up, Cleanup or the next Remove deletes.
+        #
+        # On a full disk that commit cannot be written (SQLite's WAL must grow), and
+        # Remove is how containerd frees space: then the files go first. Under one write
+        # transaction (no child can appear meanwhile) the row is checked and deleted, the
+        # directory renamed into staging/ as a tombstone `del-<id>-…` (a rename needs no
+        # free block) and emptied, and only then is the transaction committed, with the
+        # space it needs now free. The tombstone stays until the row is gone: it records
+        # that the removal was decided. If the commit still fails, or the daemon dies
+        # before it, start-up (and Cleanup) empty the tombstones, forget their ids' rows,
+        # and only then empty staging/: after a restart, no snapshot whose directory is
+        # gone is reported. Until then (the commit failed; the error says the disk is
+        # full) the snapshot is listed without its files, and the next Remove ends it.
+        # A tombstone cannot name another snapshot: ids are never reused (AUTOINCREMENT)
+        # once committed, and the tombstoned id was.
+        try:
+            with self._writing(f"failed to remove snapshot {key}") as tx:
+                sid = self._forget(tx, key)
+        except StoreFull as e:
+            log.warning("%s: removing its files first to free space", e)
+            with self._writing(f"failed to remove snapshot {key}") as tx:
+                sid = self._forget(tx, key)
+                self._empty(self._to_tombstone(sid))
         with self.ms.transaction(write=True) as tx:
             trash = self._orphans_to_staging(tx.id_map())
+            trash += self._tombstones(sid)  # committed: its tombstone is done with
         self._delete(trash)
 
     def walk(self, filter_strings: Sequence[str] = ()) -> List[Info]:
@@ -258,7 +290,8 @@ class OverlaySnapshotter:
             return tx.walk(filter_strings)
 
     def cleanup(self) -> None:
-        with self.ms.transaction(write=True) as tx:
+        with self._writing("failed to clean up") as tx:
+            self._finish_removals(tx)
             trash = self._orphans_to_staging(tx.id_map())
             trash += [os.path.join(self.layout.staging, n)
                       for n in os.listdir(self.layout.staging)
@@ -273,6 +306,67 @@ class OverlaySnapshotter:
 
     # ------------------------------------------------------------------ internals
 
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[Transaction]:
+        """A write transaction for `what` ("failed to commit snapshot k"): its storage
+        errors, a full disk above all, say what they stopped, and which snapshot."""
+        try:
+            with self.ms.transaction(write=True) as tx:
+                yield tx
+        except (StoreError, StoreFull) as e:
+            raise e.wrap(what) from None
+        except OSError as e:
+            if e.errno not in DISK_FULL_ERRNOS:
+                raise
+            raise ResourceExhausted(
+                f"{what}: disk full: {e.strerror}: {e.filename}") from None
+
+    @staticmethod
+    def _forget(tx: Transaction, key: str) -> str:
+        try:
+            return tx.remove(key)[0]
+        except SnapshotterError as e:
+            raise e.wrap("failed to remove") from None
+
+    def _to_tombstone(self, sid: str) -> str:
+        """Rename snapshots/<sid> into staging/ as its tombstone (its path), durably: a
+        rename takes no free block, and staging/ is on the same file system."""
+        tomb = os.path.join(self.layout.staging,
+                            f"{TOMBSTONE_PREFIX}{sid}-{uuid.uuid4().hex[:12]}")
+        try:
+            os.rename(self.layout.dir(sid), tomb)
+        except FileNotFoundError:  # a removal that freed it before, then failed its commit
+            return tomb
+        fsync_dir(self.layout.staging)  # the tombstone before any file of it goes
+        fsync_dir(self.layout.snapshots)
+        return tomb
+
+    def _tombstones(self, sid: Optional[str] = None) -> List[str]:
+        """The tombstones in staging/ (of snapshot `sid` only, if given)."""
+        prefix = TOMBSTONE_PREFIX + (f"{sid}-" if sid is not None else "")
+        return [os.path.join(self.layout.staging, n)
+                for n in sorted(os.listdir(self.layout.staging)) if n.startswith(prefix)]
+
+    def _empty(self, path: str) -> None:
+        """Delete what is in the directory `path`, not the directory: the space is free,
+        the tombstone stays."""
+        with self._removing, contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(path):
+                _remove_tree(os.path.join(path, name))
+
+    def _finish_removals(self, tx: Transaction) -> None:
+        """Complete the removals whose files went first (tombstones in staging/): empty
+        each, then forget its snapshot's row, in `tx` (it commits with space freed)."""
+        for tomb in self._tombstones():
+            sid = os.path.basename(tomb)[len(TOMBSTONE_PREFIX):].split("-", 1)[0]
+            self._empty(tomb)
+            if not sid.isdigit():
+                continue
+            if tx.forget(sid):
+                log.warning("finished the removal of snapshot %s (its files went first)", sid)
+            elif tx.has_children(sid):  # cannot happen: Remove refused those
+                log.error("snapshot %s has children, though its directory was removed", sid)
+
     def _create(self, kind: int, key: str, parent: str,
                 labels: Optional[Mapping[str, str]]) -> List[Mount]:
         # Resolve the parents' lower directories before taking the write lock: a remote
@@ -280,7 +374,7 @@ class OverlaySnapshotter:
         with self.ms.transaction() as tx:
             chain = tx.parent_chain(parent)
         resolved = (chain, self._lower_dirs(chain)) if chain else None
-        with self.ms.transaction(write=True) as tx:
+        with self._writing(f"failed to create snapshot {key}") as tx:
             td = tempfile.mkdtemp(prefix="new-", dir=self.layout.staging)
             try:
                 os.mkdir(os.path.join(td, "fs"))
@@ -360,12 +454,14 @@ class OverlaySnapshotter:
             if name in ids:
                 continue
             src = os.path.join(self.layout.snapshots, name)
-            dst = tempfile.mkdtemp(prefix=f"rm-{name}-", dir=self.layout.staging)
+            # A plain rename, no new directory: it needs no free block on a full disk.
+            dst = os.path.join(self.layout.staging, f"rm-{name}-{uuid.uuid4().hex[:12]}")
             try:
-                os.rename(src, os.path.join(dst, "d"))
+                os.rename(src, dst)
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     log.warning("cannot move %s aside for removal: %s", src, e)
+                continue
             moved.append(dst)
         return moved
 

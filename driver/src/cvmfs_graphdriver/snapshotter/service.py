@@ -2,9 +2,9 @@
 an OverlaySnapshotter, and the daemon that serves it on a unix socket.
 
 Errors map to gRPC codes as containerd's errdefs.ToGRPC maps them (NotFound,
-AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable, Unimplemented; anything
-else is Unknown), with containerd-style messages. `List` streams in batches of 100, as
-containerd's own service does.
+AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable, Unimplemented,
+ResourceExhausted for a full disk; anything else is Unknown), with containerd-style
+messages. `List` streams in batches of 100, as containerd's own service does.
 
 Serving: on the configured socket (mode 0600) bound by gRPC itself, or, under systemd
 socket activation, on the socket systemd passes: gRPC cannot adopt a listening
