@@ -153,6 +153,9 @@ class Driver:
         layout = Layout(os.path.realpath(home))
         os.makedirs(layout.home, mode=0o710, exist_ok=True)
         os.makedirs(layout.links, mode=0o700, exist_ok=True)
+        # The probes below make directories: in staging, which recovery empties, so a
+        # kill during Init leaves nothing that looks like a layer.
+        os.makedirs(layout.staging, mode=0o700, exist_ok=True)
         magic = mounts.fs_magic(layout.home)
         self.backing_fs = mounts.fs_name(layout.home)
         if magic == mounts.OVERLAY_MAGIC:
@@ -160,12 +163,12 @@ class Driver:
                 f"driver home {layout.home} is on overlayfs, which cannot hold overlay upper "
                 "directories; put dockerd's data-root on ext4, xfs or a volume"
             )
-        if not mounts.supports_d_type(layout.home):
+        if not mounts.supports_d_type(layout.staging):
             raise DriverError(
                 f"the filesystem of {layout.home} ({self.backing_fs}) does not support d_type, "
                 "which overlayfs needs; for xfs, reformat with ftype=1"
             )
-        self.native_diff = mounts.supports_native_diff(layout.home)
+        self.native_diff = mounts.supports_native_diff(layout.staging)
         self._extra_opts = "index=off," if mounts.overlay_index_param() else ""
         with self._refs_lock:
             self._layout = layout
@@ -239,10 +242,12 @@ class Driver:
                                 os.path.join(staging, leftover))
 
         mounted = set(mounts.mounts_under(layout.home, entries))
-        for name in sorted(os.listdir(layout.home)):
-            if is_layer_name(name) and os.path.isdir(os.path.join(layout.home, name)):
-                self._recovery_step(f"layer {name}", self._recover_layer, LayerId(name),
-                                    mounted, recorded_refs.get(name))
+        names = [LayerId(name) for name in sorted(os.listdir(layout.home))
+                 if is_layer_name(name) and os.path.isdir(os.path.join(layout.home, name))]
+        with_child = {self._parent(name) for name in names}
+        for name in names:
+            self._recovery_step(f"layer {name}", self._recover_layer, name, mounted,
+                                recorded_refs.get(name), name in with_child)
         for short in os.listdir(layout.links):
             link = layout.short_link(short)
             with contextlib.suppress(OSError):
@@ -263,11 +268,35 @@ class Driver:
             log.error("start-up recovery: %s failed, left as it is: %s: %s", what,
                       type(e).__name__, e, exc_info=not isinstance(e, (OSError, DriverError)))
 
-    def _recover_layer(self, name: LayerId, mounted: Set[str], recorded: object) -> None:
+    def _recover_layer(self, name: LayerId, mounted: Set[str], recorded: object,
+                       has_child: bool) -> None:
         layout = self.layout
         merged = layout.merged(name)
         if os.path.exists(layout.applying_marker(name)):
             log.warning("layer %s: ApplyDiff was interrupted; removing the partial layer", name)
+            if merged in mounted:
+                mounts.unmount(merged)
+            self._remove_layer_dir(name)
+            return
+        unapplied = os.path.exists(layout.unapplied_marker(name))
+        if unapplied and not has_child and merged not in mounted:
+            # Made by Create, never applied, never a parent: dockerd records a layer only
+            # after its ApplyDiff, so none of its images has it. A Create whose answer the
+            # kill cut off leaves this: dockerd's retry arrives with an empty body
+            # (moby#33412), fails, and moby removes nothing after a failed Create.
+            log.warning("layer %s: created but never applied (the Create's answer was lost?); "
+                        "removing it", name)
+            self._remove_layer_dir(name)
+            return
+        if name.endswith("-init") and not has_child and \
+                not os.path.isdir(layout.dir(name[: -len("-init")])):
+            # dockerd makes "<id>-init" (CreateReadWrite, Get, Put) right before "<id>",
+            # removes it right after "<id>", and cleans nothing up when a step in between
+            # fails (moby layerStore.initMount/CreateRWLayer): a kill that cut off one of
+            # these answers (the retry has an empty body, moby#33412) leaves it, often
+            # still mounted. No container of dockerd can use an init layer without its own.
+            log.warning("layer %s: an init layer without its container layer (a docker run "
+                        "interrupted by the driver's restart?); removing it", name)
             if merged in mounted:
                 mounts.unmount(merged)
             self._remove_layer_dir(name)
@@ -317,6 +346,9 @@ class Driver:
                 os.mkdir(staged.diff, 0o755)
                 os.chmod(staged.diff, 0o755)  # the layer root, whatever the umask
                 short = new_short_id()
+                if not read_write:
+                    # Until its ApplyDiff: recovery removes a layer dockerd never learnt of.
+                    write_durably(staged.unapplied_marker, "")
                 write_durably(staged.link_file, short)
                 if parent:
                     write_durably(staged.lower_file, lower)
@@ -443,6 +475,8 @@ class Driver:
                                   f"{e}") from None
             if self.config.sync_layers:
                 mounts.syncfs(diff)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(layout.unapplied_marker(layer_id))
             os.unlink(marker)
             fsync_dir(layout.dir(layer_id))
             log.info("layer %s: applied %d entries (%d whiteouts), %d bytes", layer_id,
@@ -461,6 +495,8 @@ class Driver:
             self.put(layer_id)
         if self.config.sync_layers:
             mounts.syncfs(self.layout.diff(layer_id))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.layout.unapplied_marker(layer_id))
         log.info("layer %s: applied %d entries onto the mounted layer (naive), %d bytes",
                  layer_id, result.entries, result.bytes)
         return result.bytes

@@ -9,6 +9,8 @@
     <home>/<id>/merged/       mount point of the union view
     <home>/<id>/committed     present once a child exists: the layer mounts read-only
     <home>/<id>/.applying     present while ApplyDiff runs: the layer is not complete
+    <home>/<id>/.unapplied    made by Create (read-only), no ApplyDiff yet: a layer dockerd
+                              may never have learnt of (see Driver._recover_layer)
     <home>/<id>/thin/         a thin layer's bookkeeping:
         descriptor.json       the validated descriptor (written by ApplyDiff)
         links.json            {"layer-K" | "mask-K": short link name in l/}
@@ -115,6 +117,10 @@ class LayerDir:
         return self._(".applying")
 
     @property
+    def unapplied_marker(self) -> str:
+        return self._(".unapplied")
+
+    @property
     def thin_dir(self) -> str:
         return self._("thin")
 
@@ -153,6 +159,9 @@ class Layout:
 
     def applying_marker(self, layer_id: str) -> str:
         return self.layer(layer_id).applying_marker
+
+    def unapplied_marker(self, layer_id: str) -> str:
+        return self.layer(layer_id).unapplied_marker
 
     # a thin layer's bookkeeping
 

@@ -230,6 +230,7 @@ class Request:
         self.query = parse_qs(query)
         self.body = body
         self._json: Optional[Dict[str, Any]] = None
+        self._empty = False
 
     def json(self) -> Dict[str, Any]:
         if self._json is None:
@@ -237,6 +238,7 @@ class Request:
             if len(raw) > MAX_JSON_BODY:
                 raise RequestError(f"{self.method}: request body is larger than "
                                    f"{MAX_JSON_BODY} bytes, the most a call's JSON may be", 413)
+            self._empty = not raw.strip()
             try:
                 doc = json.loads(raw) if raw.strip() else {}
             except ValueError as e:
@@ -269,7 +271,15 @@ class Request:
         return value
 
     def layer(self, key: str = "ID") -> LayerId:
-        return self._checked(self.text(key), "layer id")
+        value = self.text(key)
+        if not value and self._empty:
+            # dockerd's plugin client retries a call whose connection broke (the driver
+            # was killed or restarted mid-call) re-reading the buffer the first try drained
+            # (moby pkg/plugins callWithRetry, moby/moby#33412): the retry has no body.
+            raise DriverError(f"{self.method}: the request has no body: dockerd re-sent a "
+                              "call whose first try the driver's restart cut off (moby/moby"
+                              "#33412); the first try may have been carried out")
+        return self._checked(value, "layer id")
 
     def parent(self, key: str = "Parent") -> Optional[LayerId]:
         value = self.text(key)

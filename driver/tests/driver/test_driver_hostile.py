@@ -18,7 +18,7 @@ from cvmfs_graphdriver.errors import DriverError
 pytestmark = pytest.mark.root
 
 EVIL_TMP = f"/tmp/cgd-evil-{secrets.token_hex(6)}"
-LAYER_FILES = {"diff", "link", "committed", "lower", "parent", "work", ".applying"}
+LAYER_FILES = {"diff", "link", "committed", "lower", "parent", "work", ".applying", ".unapplied"}
 
 
 @dataclass
@@ -33,7 +33,8 @@ class Scene:
     passwd: tuple
 
     def check_nothing_outside_changed(self) -> None:
-        after = snapshot(self.tmp, skip=[self.diff, os.path.join(self.layer_dir, ".applying")],
+        after = snapshot(self.tmp, skip=[self.diff, os.path.join(self.layer_dir, ".applying"),
+                              os.path.join(self.layer_dir, ".unapplied")],
                          ignore_mtime=[self.layer_dir])
         assert after == self.before
         assert set(os.listdir(self.layer_dir)) <= LAYER_FILES
@@ -64,7 +65,8 @@ def scene(drv, tmp_path) -> Scene:
     layer = make_layer(drv)
     layer_dir = os.path.join(drv.layout.home, layer)
     diff = os.path.join(layer_dir, "diff")
-    before = snapshot(tmp, skip=[diff], ignore_mtime=[layer_dir])
+    before = snapshot(tmp, skip=[diff, os.path.join(layer_dir, ".unapplied")],
+                      ignore_mtime=[layer_dir])
     assert os.path.relpath(sentinel, diff) == "../../../sentinel"
     return Scene(drv, tmp, sentinel, layer, layer_dir, diff, before, _passwd_state())
 

@@ -72,9 +72,6 @@ def _dockerd_retry(c: PluginClient, method: str) -> PluginError:
     return e.value
 
 
-@pytest.mark.xfail(strict=True, reason="driver.py: a Create whose answer was lost (dockerd "
-                   "retries with an emptied body, moby#33412) leaves a layer dockerd never "
-                   "records; recovery keeps it (Driver.create / Driver._recover_layer)")
 def test_a_create_whose_answer_was_lost_is_removed_by_recovery(driver):
     drv, home = driver
     c = PluginClient(drv.socket)
@@ -114,10 +111,6 @@ def test_created_layers_in_use_survive_recovery(driver):
     c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="driver.py: the init layer of a `docker run` whose "
-                   "Put(init) answer was lost stays, mounted (dockerd's retry has an empty "
-                   "body, moby#33412; moby's initMount cleans nothing up); recovery keeps it "
-                   "(Driver._recover_layer)")
 def test_an_init_layer_whose_put_answer_was_lost_is_removed_by_recovery(driver):
     """Found by test_graphdriver_kill.py (run #0): `docker run` failed with
     "GraphDriver.Put: invalid layer id ''" and left "<id>-init" mounted in the home."""
