@@ -22,8 +22,8 @@ from harness import (  # noqa: E402
     Registry,
     import_busybox,
     need,
+    need_docker,
     real_cvmfs_available,
-    require_tool,
 )
 from resilience import TALLY, Tally  # noqa: E402
 
@@ -49,15 +49,6 @@ def as_root() -> None:
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("cgd"))
-
-
-def _need_docker() -> None:
-    need(os.geteuid() == 0, "needs root to run dockerd")
-    for tool in ("dockerd", "docker", "docker-registry"):
-        try:
-            require_tool(tool)
-        except RuntimeError as e:
-            need(False, str(e))
 
 
 # Repositories of real CernVM-FS (a stratum 0 here, read through real client mounts) ...
@@ -86,7 +77,7 @@ def cvmfs(workdir):
 
 @pytest.fixture(scope="session")
 def driver_proc(workdir, cvmfs):
-    _need_docker()
+    need_docker()
     d = DriverProcess(PLUGIN_NAME, os.path.join(workdir, "driver"),
                       ["--cvmfs-root", cvmfs.root, "--repositories", ",".join(THIN_REPOS)]).start()
     yield d
@@ -104,7 +95,7 @@ def dockerd(driver_proc, workdir):
 @pytest.fixture(scope="session")
 def ref_dockerd(workdir):
     """dockerd using the built-in overlay2 driver, the reference for differential tests."""
-    _need_docker()
+    need_docker()
     d = Dockerd(os.path.join(workdir, "dockerd-overlay2"), "overlay2").start()
     yield d
     d.stop()
@@ -112,7 +103,7 @@ def ref_dockerd(workdir):
 
 @pytest.fixture(scope="session")
 def registry(workdir):
-    _need_docker()
+    need_docker()
     r = Registry(os.path.join(workdir, "registry")).start()
     yield r
     r.stop()

@@ -69,6 +69,19 @@ def require_tool(name: str) -> str:
     return path
 
 
+def need_docker(busybox: bool = False) -> None:
+    """Root and the Docker tools a test starts privately (and busybox-static, of which
+    the tests build their images), or the test is skipped here and fails under CI."""
+    need(os.geteuid() == 0, "needs root to run dockerd")
+    for tool in ("dockerd", "docker", "docker-registry"):
+        try:
+            require_tool(tool)
+        except RuntimeError as e:
+            need(False, str(e))
+    if busybox:
+        need(os.path.exists("/bin/busybox"), "busybox-static is not installed")
+
+
 # ---------------------------------------------------------------------------- driver
 
 

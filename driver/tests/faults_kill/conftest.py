@@ -26,6 +26,28 @@ for sub in (TESTS, os.path.join(TESTS, "integration"), os.path.join(TESTS, "snap
     if sub not in sys.path:
         sys.path.insert(0, sub)
 
+from harness import DriverProcess, need  # noqa: E402
+
+from cvmfs_graphdriver import mounts  # noqa: E402
+from cvmfs_graphdriver.cli import state_file  # noqa: E402
+
+PLUGIN_NAME = os.environ.get("CVMFS_GRAPHDRIVER_TEST_PLUGIN", "cvmfs")
+
+
+@pytest.fixture
+def driver(tmp_path):
+    """A driver daemon of its own (no dockerd) and the home to Init it with; afterwards
+    its mounts and its state file go, as a reboot would take them."""
+    need(os.geteuid() == 0, "needs root (overlay mounts, the plugin socket)")
+    d = DriverProcess(f"{PLUGIN_NAME}d{os.getpid()}", str(tmp_path / "driver")).start()
+    home = str(tmp_path / "home")
+    yield d, home
+    d.stop()
+    for point in sorted(mounts.mounts_under(home), key=len, reverse=True):
+        mounts.unmount(point)
+    if os.path.exists(state_file(d.socket)):
+        os.unlink(state_file(d.socket))
+
 
 @pytest.fixture
 def rng(request) -> random.Random:

@@ -24,23 +24,7 @@ import tarfile
 import uuid
 
 import pytest
-from harness import DriverProcess, need
 from layer_tools import PluginClient, PluginError
-
-from cvmfs_graphdriver.cli import state_file
-
-PLUGIN_NAME = os.environ.get("CVMFS_GRAPHDRIVER_TEST_PLUGIN", "cvmfs")
-
-
-@pytest.fixture
-def driver(tmp_path):
-    need(os.geteuid() == 0, "needs root (the plugin socket under /run/docker/plugins)")
-    d = DriverProcess(f"{PLUGIN_NAME}c{os.getpid()}", str(tmp_path / "driver")).start()
-    home = str(tmp_path / "home")
-    yield d, home
-    d.stop()
-    if os.path.exists(state_file(d.socket)):
-        os.unlink(state_file(d.socket))
 
 
 def _new_id() -> str:

@@ -12,30 +12,11 @@ layer that is no longer mounted.
 
 from __future__ import annotations
 
-import os
 import uuid
 
-import pytest
-from harness import DriverProcess, need
 from layer_tools import PluginClient
 
 from cvmfs_graphdriver import mounts
-from cvmfs_graphdriver.cli import state_file
-
-PLUGIN_NAME = os.environ.get("CVMFS_GRAPHDRIVER_TEST_PLUGIN", "cvmfs")
-
-
-@pytest.fixture
-def driver(tmp_path):
-    need(os.geteuid() == 0, "needs root (overlay mounts)")
-    d = DriverProcess(f"{PLUGIN_NAME}r{os.getpid()}", str(tmp_path / "driver")).start()
-    home = str(tmp_path / "home")
-    yield d, home
-    d.stop()
-    for point in sorted(mounts.mounts_under(home), key=len, reverse=True):
-        mounts.unmount(point)
-    if os.path.exists(state_file(d.socket)):
-        os.unlink(state_file(d.socket))
 
 
 def _layers(c: PluginClient, home: str):

@@ -40,8 +40,7 @@ from harness import (
     Registry,
     busybox_rootfs,
     export_manifest,
-    need,
-    require_tool,
+    need_docker,
     tar_of,
 )
 
@@ -115,19 +114,9 @@ def _unmount_below(path: str) -> None:
         subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
-def _need_docker() -> None:
-    need(os.geteuid() == 0, "needs root to run dockerd")
-    for tool in ("dockerd", "docker", "docker-registry"):
-        try:
-            require_tool(tool)
-        except RuntimeError as e:
-            need(False, str(e))
-    need(os.path.exists("/bin/busybox"), "busybox-static is not installed")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    _need_docker()
+    need_docker(busybox=True)
     work = str(tmp_path_factory.mktemp("gdkill"))
     # A plugin name of this run only: no other test run on the machine shares its socket,
     # its state file or its home.

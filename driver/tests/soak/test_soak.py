@@ -91,7 +91,7 @@ from harness import (  # noqa: E402
     Registry,
     import_busybox,
     need,
-    require_tool,
+    need_docker,
 )
 
 pytestmark = pytest.mark.docker
@@ -233,13 +233,7 @@ class Rig:
 
 
 def _need_all() -> None:
-    need(os.geteuid() == 0, "the soak needs root (dockerd, mounts)")
-    for tool in ("dockerd", "docker", "docker-registry"):
-        try:
-            require_tool(tool)
-        except RuntimeError as e:
-            need(False, str(e))
-    need(os.path.exists("/bin/busybox"), "busybox-static is not installed")
+    need_docker(busybox=True)
     need(importlib.util.find_spec("docker") is not None,
          "cvmfs-thin needs the docker SDK (pip install 'cvmfs-graphdriver[publisher]')")
 
