@@ -88,8 +88,7 @@ def loopfs(as_root) -> Iterator[Callable[..., str]]:
 def fuse(as_root) -> Iterator[Callable[..., FuseMount]]:
     """Factory: a FUSE mount over a directory that refuses root (EACCES) or never
     answers (hangs); all released (a hung one answers ENOTCONN) and unmounted after."""
-    if not os.path.exists("/dev/fuse"):
-        pytest.skip("no /dev/fuse")
+    need(os.path.exists("/dev/fuse"), "no /dev/fuse (the fuse kernel module)")
     made: List[FuseMount] = []
 
     def make(target: str, kind: str) -> FuseMount:

@@ -170,7 +170,8 @@ LABELS = st.dictionaries(st.sampled_from(["l", "", "containerd.io/gc.root", "x" 
 
 @pytest.fixture(scope="module")
 def grpc_channel(tmp_path_factory):
-    grpc = pytest.importorskip("grpc")
+    import grpc  # the snapshotter extra, in the test extra too
+
     from cvmfs_graphdriver.snapshotter import service
     from cvmfs_graphdriver.snapshotter.overlay import OverlaySnapshotter
 
