@@ -22,15 +22,19 @@ import stat
 import tarfile
 import time
 from dataclasses import dataclass
-from typing import IO, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
-from . import fdtree, tarformat, tarread, whiteouts
+from . import fdtree, mounts, tarformat, tarread, whiteouts
 from .changes import CHANGE_DELETE, Change
 from .errors import DriverError, UnsafeLayerError
 
 log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 1 << 20
+_T = TypeVar("_T")
+# Files from this size on start their writeback as soon as written (apply_tar's
+# `writeback`); smaller ones are left to the flush, whose journal commit they share.
+_WRITEBACK_MIN = 64 << 10
 
 
 # ---------------------------------------------------------------------------- names
@@ -142,9 +146,11 @@ def _member_xattrs(member: tarfile.TarInfo, shown: str) -> Dict[str, bytes]:
     return out
 
 
-def _check_member(member: tarfile.TarInfo, shown: str) -> None:
+def _check_member(member: tarfile.TarInfo,
+                  shown: str) -> Tuple[Tuple[int, int], Dict[str, bytes]]:
     """Refuse, naming the entry, a field no system call could set (before anything of
-    the entry is made): the error would otherwise be an OverflowError or ValueError."""
+    the entry is made): the error would otherwise be an OverflowError or ValueError.
+    Returns what the entry's times and xattrs are set to."""
     for key in ("uid", "gid", "size"):
         raw = member.pax_headers.get(key)
         if raw and not _PAX_INT.fullmatch(raw):
@@ -153,8 +159,8 @@ def _check_member(member: tarfile.TarInfo, shown: str) -> None:
         if not 0 <= value <= _ID_MAX:
             raise DriverError(f"tar entry {shown!r}: its {what} {value} is out of range "
                               f"(0 to {_ID_MAX})")
-    _member_times(member, shown)
-    _member_xattrs(member, shown)
+    times = _member_times(member, shown)
+    xattrs = _member_xattrs(member, shown)
     if member.issym():
         if "\x00" in member.linkname:
             raise UnsafeLayerError(f"tar entry {shown!r}: its symlink target "
@@ -167,6 +173,7 @@ def _check_member(member: tarfile.TarInfo, shown: str) -> None:
             0 <= member.devmajor <= _MAJOR_MAX and 0 <= member.devminor <= _MINOR_MAX):
         raise DriverError(f"tar entry {shown!r}: device {member.devmajor}:{member.devminor} "
                           f"is out of range (major 0 to {_MAJOR_MAX}, minor 0 to {_MINOR_MAX})")
+    return times, xattrs
 
 
 @dataclass
@@ -177,7 +184,7 @@ class ApplyResult:
 
 
 def apply_tar(stream: IO[bytes], root: str, converter: Optional[whiteouts.Converter],
-              max_bytes: int = 0) -> ApplyResult:
+              max_bytes: int = 0, writeback: bool = False) -> ApplyResult:
     """Extract an uncompressed layer tar into the directory `root`.
 
     `converter` says what whiteout markers become (whiteouts.OverlayUpper for a layer's
@@ -185,7 +192,8 @@ def apply_tar(stream: IO[bytes], root: str, converter: Optional[whiteouts.Conver
     plain files they are (a published layer, as DUCC stores them). The layer's files may
     take `max_bytes` (0: no limit of its own) and never more than is free (see
     tarread.SizeBudget). The tar is read within tarread's bounds and must end with its
-    end-of-archive marker.
+    end-of-archive marker. With `writeback`, each file's data starts on its way to disk
+    as soon as it is written (mounts.start_writeback), for a flush that follows.
     """
     root_fd = os.open(root, fdtree.DIR_FLAGS)
     walker = fdtree.DirStack(root_fd)  # where the entries go, in the tar's order
@@ -206,7 +214,7 @@ def apply_tar(stream: IO[bytes], root: str, converter: Optional[whiteouts.Conver
                     result.entries += 1
                     result.bytes += member.size
                     _apply_member(tar, member, root_fd, walker, dir_times, result, converter,
-                                  budget)
+                                  budget, writeback)
                 tarread.check_end(tar)
             except tarfile.TarError as e:
                 raise DriverError(f"layer tar is corrupt or truncated "
@@ -228,9 +236,10 @@ def _apply_member(
     result: ApplyResult,
     converter: Optional[whiteouts.Converter],
     budget: tarread.SizeBudget,
+    writeback: bool,
 ) -> None:
     parts = split_member_name(member.name)
-    _check_member(member, "/".join(parts) or member.name)
+    times, xattrs = _check_member(member, "/".join(parts) or member.name)
     if not parts:
         if not member.isdir():
             raise UnsafeLayerError(
@@ -250,36 +259,42 @@ def _apply_member(
         return
     if isinstance(converter, whiteouts.Flatten):
         converter.wrote(parts)
-    existing = fdtree.lstat_at(pfd, base)
-    if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
-        fdtree.remove_at(pfd, base)
-
+    # Each kind is made with O_EXCL semantics; a name taken already (by an earlier entry of
+    # the tar, or a lower layer's file in a flattened tree) is then replaced: one system
+    # call less per entry than looking first.
     if member.isdir():
-        if existing is None or not stat.S_ISDIR(existing.st_mode):
+        try:
             os.mkdir(base, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            existing = fdtree.lstat_at(pfd, base)
+            if existing is None or not stat.S_ISDIR(existing.st_mode):
+                fdtree.remove_at(pfd, base)
+                os.mkdir(base, 0o700, dir_fd=pfd)
         fd = os.open(base, fdtree.DIR_FLAGS, dir_fd=pfd)
         try:
-            _set_metadata(fd, None, member, shown, is_link=False)
+            _set_metadata(fd, None, member, xattrs, shown, is_link=False)
         finally:
             os.close(fd)
-        dir_times.append((parts, _member_times(member, shown)))
+        dir_times.append((parts, times))
     elif member.isreg():
         budget.take(member.size, shown)
-        fd = os.open(
+        fd = _replacing(pfd, base, lambda: os.open(
             base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-            dir_fd=pfd,
-        )
+            dir_fd=pfd))
         try:
             tarread.write_data(tar, member, fd, shown, _COPY_CHUNK)
-            _set_metadata(fd, None, member, shown, is_link=False)
-            os.utime(fd, ns=_member_times(member, shown))
+            if writeback and member.size >= _WRITEBACK_MIN:
+                mounts.start_writeback(fd)
+            _set_metadata(fd, None, member, xattrs, shown, is_link=False)
+            os.utime(fd, ns=times)
         finally:
             os.close(fd)
     elif member.issym():
-        os.symlink(member.linkname, base, dir_fd=pfd)
-        _set_metadata(pfd, base, member, shown, is_link=True)
-        os.utime(base, ns=_member_times(member, shown), dir_fd=pfd, follow_symlinks=False)
+        _replacing(pfd, base, lambda: os.symlink(member.linkname, base, dir_fd=pfd))
+        _set_metadata(pfd, base, member, xattrs, shown, is_link=True)
+        os.utime(base, ns=times, dir_fd=pfd, follow_symlinks=False)
     elif member.islnk():
+        fdtree.remove_at(pfd, base)  # first: the link's target may be this very name
         try:
             tparts = split_member_name(member.linkname, "hard link target")
         except DriverError as e:
@@ -308,15 +323,15 @@ def _apply_member(
             os.link(tparts[-1], base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         finally:
             os.close(tfd)
-        _set_metadata(pfd, base, member, shown, is_link=stat.S_ISLNK(tst.st_mode))
+        _set_metadata(pfd, base, member, xattrs, shown, is_link=stat.S_ISLNK(tst.st_mode))
         if not stat.S_ISLNK(tst.st_mode):
-            os.utime(fdtree.proc_path(pfd, base), ns=_member_times(member, shown))
+            os.utime(fdtree.proc_path(pfd, base), ns=times)
     elif member.ischr() or member.isblk() or member.isfifo():
         kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK if member.isblk() else stat.S_IFIFO
         dev = os.makedev(member.devmajor, member.devminor) if kind != stat.S_IFIFO else 0
-        os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
-        _set_metadata(pfd, base, member, shown, is_link=False)
-        os.utime(base, ns=_member_times(member, shown), dir_fd=pfd, follow_symlinks=False)
+        _replacing(pfd, base, lambda: os.mknod(base, kind | 0o600, dev, dir_fd=pfd))
+        _set_metadata(pfd, base, member, xattrs, shown, is_link=False)
+        os.utime(base, ns=times, dir_fd=pfd, follow_symlinks=False)
     else:
         raise DriverError(
             f"tar entry {shown!r} has unsupported type {member.type!r}; "
@@ -324,8 +339,19 @@ def _apply_member(
         )
 
 
-def _set_metadata(fd: int, name: Optional[str], member: tarfile.TarInfo, shown: str, *,
-                  is_link: bool) -> None:
+def _replacing(pfd: int, base: str, make: Callable[[], _T]) -> _T:
+    """`make()` the entry `base` in the directory `pfd`, which fails if the name is
+    taken; then what holds it (a whole tree if a directory) is removed and `make()` runs
+    again."""
+    try:
+        return make()
+    except FileExistsError:
+        fdtree.remove_at(pfd, base)
+        return make()
+
+
+def _set_metadata(fd: int, name: Optional[str], member: tarfile.TarInfo,
+                  xattrs: Dict[str, bytes], shown: str, *, is_link: bool) -> None:
     """Owner, xattrs, then mode (chown clears setuid bits, so mode comes last).
 
     With `name` None, `fd` is the object itself; otherwise `name` is an entry in dir `fd`.
@@ -336,7 +362,7 @@ def _set_metadata(fd: int, name: Optional[str], member: tarfile.TarInfo, shown: 
     else:
         os.chown(name, member.uid, member.gid, dir_fd=fd, follow_symlinks=False)
     path = fdtree.proc_path(fd, name)
-    for key, value in _member_xattrs(member, shown).items():
+    for key, value in xattrs.items():
         try:
             if name is None:
                 # fsetxattr: lsetxattr on the /proc/self/fd magic link itself is ENOTSUP.

@@ -152,6 +152,43 @@ class LayerTarInfo(tarfile.TarInfo):
         finally:
             chain.depth -= 1
 
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> Any:
+        """tarfile.TarInfo.frombuf at a fraction of its cost, for the headers layers hold:
+        the checksum summed in one pass, the fields read without a call per field. A
+        header it does not take as it is (base-256 numbers, a checksum of signed bytes,
+        GNU sparse, anything malformed) goes to tarfile's own, which decides."""
+        if len(buf) != BLOCK or buf[156:157] == tarfile.GNUTYPE_SPARSE:
+            return super().frombuf(buf, encoding, errors)
+        try:
+            chksum = _octal(buf[148:156])
+            if chksum != 256 + sum(buf) - sum(buf[148:156]) or not buf.strip(b"\0"):
+                raise ValueError("checksum, or the end-of-archive block")
+            obj = cls()
+            obj.mode = _octal(buf[100:108])
+            obj.uid = _octal(buf[108:116])
+            obj.gid = _octal(buf[116:124])
+            obj.size = _octal(buf[124:136])
+            obj.mtime = _octal(buf[136:148])
+            obj.devmajor = _octal(buf[329:337])
+            obj.devminor = _octal(buf[337:345])
+        except ValueError:
+            return super().frombuf(buf, encoding, errors)
+        obj.chksum = chksum
+        obj.type = buf[156:157]
+        obj.name = _text(buf[0:100], encoding, errors)
+        obj.linkname = _text(buf[157:257], encoding, errors)
+        obj.uname = _text(buf[265:297], encoding, errors)
+        obj.gname = _text(buf[297:329], encoding, errors)
+        prefix = _text(buf[345:500], encoding, errors)
+        if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):
+            obj.type = tarfile.DIRTYPE  # V7's directories
+        if obj.type == tarfile.DIRTYPE:
+            obj.name = obj.name.rstrip("/")
+        if prefix and obj.type not in tarfile.GNU_TYPES:
+            obj.name = prefix + "/" + obj.name
+        return obj
+
     def _proc_pax(self, tar: Any) -> Any:
         """A PAX header ('x', 'X'; 'g' is skipped): tarfile's own, but its records read
         by `_pax_records` - tarfile's regular expressions take quadratic time on
@@ -267,6 +304,19 @@ class LayerTarInfo(tarfile.TarInfo):
         member.sparse = list(zip(numbers[::2], numbers[1::2]))
 
 
+def _octal(field: bytes) -> int:
+    """A number field in octal digits, as tarfile's nti reads it (ValueError for anything
+    else: a base-256 number, a field tarfile's own code is to judge)."""
+    end = field.find(0)
+    return int((field if end < 0 else field[:end]).strip() or b"0", 8)
+
+
+def _text(field: bytes, encoding: str, errors: str) -> str:
+    """A text field up to its first NUL, as tarfile's nts reads it."""
+    end = field.find(0)
+    return (field if end < 0 else field[:end]).decode(encoding, errors)
+
+
 def _header_error(chain: _Chain, e: Exception) -> DriverError:
     """What tarfile's header error `e` for an entry's first header means for a layer."""
     first = chain.after is None and chain.start == 0
@@ -352,10 +402,71 @@ class LayerTarFile(tarfile.TarFile):
         return member
 
 
+class ForwardReader:
+    """A layer stream as tarfile reads it: `read`, `tell`, and `seek` forward (backward
+    only within what is still buffered), in one pass over the stream.
+
+    tarfile's own stream reader (mode "r|") keeps its buffer as one bytes object and
+    copies the rest of it at every read: a 512-byte header read cost a copy of up to
+    the whole buffer, a third of the time of applying a layer of small files. Here a read
+    copies only what it returns, and reads of a buffer's size or more go to the stream
+    directly.
+    """
+
+    def __init__(self, raw: IO[bytes], bufsize: int) -> None:
+        self._raw = raw
+        self._bufsize = bufsize
+        self._buf = b""
+        self._at = 0  # the unread part is self._buf[self._at:]
+        self._pos = 0  # the stream offset of self._buf[self._at]
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        want = (1 << 62) if n is None or n < 0 else n
+        parts: List[bytes] = []
+        while want:
+            have = len(self._buf) - self._at
+            if not have:
+                if want >= self._bufsize:
+                    data = self._raw.read(want if n >= 0 else self._bufsize)
+                    if not data:
+                        break
+                    parts.append(data)
+                else:
+                    self._buf, self._at = self._raw.read(self._bufsize), 0
+                    if not self._buf:
+                        break
+                    continue
+            else:
+                data = self._buf[self._at:self._at + want]
+                self._at += len(data)
+                parts.append(data)
+            want -= len(data)
+            self._pos += len(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            pos += self._pos
+        elif whence != os.SEEK_SET:
+            raise OSError("a layer stream can only be sought from its start or from here")
+        if pos < self._pos - self._at:
+            raise OSError(f"cannot seek back to {pos} in a layer stream (at {self._pos})")
+        if pos < self._pos:
+            self._at -= self._pos - pos
+            self._pos = pos
+        while pos > self._pos:
+            if not self.read(min(pos - self._pos, self._bufsize)):
+                break  # the stream ends before pos: the next read finds nothing
+        return self._pos
+
+
 def open_layer(stream: IO[bytes], bufsize: int) -> LayerTarFile:
-    """Open an uncompressed layer tar for reading in one pass (tarfile mode "r|")."""
-    return LayerTarFile.open(fileobj=stream, mode="r|", errors="surrogateescape",
-                             bufsize=bufsize)
+    """Open an uncompressed layer tar for reading in one pass."""
+    return LayerTarFile(fileobj=ForwardReader(stream, bufsize),  # type: ignore[arg-type]
+                        mode="r", errors="surrogateescape")
 
 
 def check_end(tar: LayerTarFile) -> None:
