@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from . import fdtree, tarformat
+from . import fdtree, tarformat, whiteouts
 from .errors import UnsafeLayerError
 
 CHANGE_MODIFY, CHANGE_ADD, CHANGE_DELETE = 0, 1, 2
@@ -32,6 +32,15 @@ class Change:
 def changes_dirs(new_dir: str, old_dir: Optional[str]) -> List[Change]:
     """Changes between two whole trees (moby's ChangesDirs; `old_dir` None = empty)."""
     return [change for change, _ in _changes(new_dir, old_dir)]
+
+
+def changes_in_upper(upper_dir: str, new_dir: str, old_dir: str) -> List[Change]:
+    """changes_dirs(new_dir, old_dir) for a `new_dir` that is an overlay mount of
+    `upper_dir` over the layers `old_dir` shows, without redirects or metacopy (what
+    native diff requires): a name the upper dir does not hold shows the same lower entry
+    in both trees, so only the upper dir's names (and all of an opaque directory's) are
+    compared - the same changes, read from a few entries instead of two whole trees."""
+    return [change for change, _ in _compare(*_collect_upper(upper_dir, new_dir, old_dir))]
 
 
 def changes_size(new_dir: str, old_dir: Optional[str]) -> int:
@@ -152,6 +161,64 @@ def _enter(stack: fdtree.DirStack, name: str) -> bool:
     return True
 
 
+def _open_dirs(*paths: str) -> List[int]:
+    fds: List[int] = []
+    try:
+        for path in paths:
+            fds.append(os.open(path, fdtree.DIR_FLAGS))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def _collect_upper(upper_dir: str, new_dir: str, old_dir: str) -> Tuple[_Node, _Node]:
+    """Both trees as _collect reads them, but only the names changes_in_upper compares:
+    those in the upper dir's directories, and an opaque one's names in the old tree."""
+    old_root, new_root = _Node(None, None, {}), _Node(None, None, {})
+    ufd, nfd, ofd = _open_dirs(upper_dir, new_dir, old_dir)
+    with fdtree.DirStack(ufd) as ups, fdtree.DirStack(nfd) as news, \
+            fdtree.DirStack(ofd) as olds:
+        for fd in (ufd, nfd, ofd):
+            os.close(fd)
+
+        def level(o: Optional[_Node], n: _Node) -> Tuple[Iterator[str], Optional[_Node], _Node]:
+            names = set(_entries(ups))
+            if o is not None and whiteouts.is_opaque(ups.fd):
+                names |= set(_entries(olds))
+            return iter(sorted(names, key=os.fsencode)), o, n
+
+        levels = [level(old_root, new_root)]
+        while levels:
+            names, old, new = levels[-1]
+            name = next(names, None)
+            if name is None:
+                levels.pop()
+                if levels:
+                    ups.pop()
+                    news.pop()
+                    if old is not None:
+                        olds.pop()
+                continue
+            n = _node(news, name)
+            o = _node(olds, name) if old is not None else None
+            if old is not None and o is not None:
+                old.children[name] = o
+            if n is None:
+                continue  # deleted (a whiteout in the upper dir), or gone meanwhile
+            new.children[name] = n
+            ust = fdtree.lstat_at(ups.fd, name)
+            if not (_is_dir(n.st) and _is_dir(ust) and _enter(ups, name)):
+                continue
+            if not _enter(news, name):
+                ups.pop()
+                continue
+            o = o if o is not None and _is_dir(o.st) and _enter(olds, name) else None
+            levels.append(level(o, n))
+    return old_root, new_root
+
+
 # ---------------------------------------------------------------------------- comparing
 
 
@@ -192,7 +259,12 @@ def _changes(new_dir: str, old_dir: Optional[str]
 
         with tempfile.TemporaryDirectory() as empty:
             return _changes(new_dir, empty)
-    old_root, new_root = _collect(old_dir, new_dir)
+    return _compare(*_collect(old_dir, new_dir))
+
+
+def _compare(old_root: _Node, new_root: _Node
+             ) -> List[Tuple[Change, Optional[os.stat_result]]]:
+    """moby's addChanges over two collected trees."""
     out: List[Tuple[Change, Optional[os.stat_result]]] = []
 
     def frame(path: str, info: _Node, old: Optional[_Node], added: bool) -> _Frame:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 from . import __version__, archive, fdtree, mounts, whiteouts
-from .changes import Change, changes_dirs, changes_size
+from .changes import Change, changes_dirs, changes_in_upper, changes_size
 from .config import Config
 from .errors import DriverError, NotFoundError
 from .files import atomic_write, fsync_dir, read, write_durably
@@ -552,6 +552,9 @@ class Driver:
         # (Docker 18.06): reading the upper dir reports an opaque dir as deleted and misses
         # what it hides, so `docker diff` would differ from overlay2's.
         with self._views(layer_id, parent) as (view, pview):
+            if pview is not None and self._use_native(layer_id, parent) \
+                    and not self.thin.is_thin(layer_id):
+                return changes_in_upper(self.layout.diff(layer_id), view, pview)
             return changes_dirs(view, pview)
 
     def diff_size(self, layer_id: LayerId, parent: Optional[LayerId]) -> int:

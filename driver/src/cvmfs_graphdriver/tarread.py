@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 import re
 import tarfile
-from typing import IO, Any, List, Optional, Tuple
+from typing import IO, Any, List, Optional, Tuple, Union
 
 from . import tarformat
 from .errors import DriverError
@@ -153,7 +153,7 @@ class LayerTarInfo(tarfile.TarInfo):
             chain.depth -= 1
 
     @classmethod
-    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> Any:
+    def frombuf(cls, buf: Union[bytes, bytearray], encoding: str, errors: str) -> Any:
         """tarfile.TarInfo.frombuf at a fraction of its cost, for the headers layers hold:
         the checksum summed in one pass, the fields read without a call per field. A
         header it does not take as it is (base-256 numbers, a checksum of signed bytes,
@@ -175,7 +175,7 @@ class LayerTarInfo(tarfile.TarInfo):
         except ValueError:
             return super().frombuf(buf, encoding, errors)
         obj.chksum = chksum
-        obj.type = buf[156:157]
+        obj.type = bytes(buf[156:157])
         obj.name = _text(buf[0:100], encoding, errors)
         obj.linkname = _text(buf[157:257], encoding, errors)
         obj.uname = _text(buf[265:297], encoding, errors)
@@ -304,14 +304,14 @@ class LayerTarInfo(tarfile.TarInfo):
         member.sparse = list(zip(numbers[::2], numbers[1::2]))
 
 
-def _octal(field: bytes) -> int:
+def _octal(field: Union[bytes, bytearray]) -> int:
     """A number field in octal digits, as tarfile's nti reads it (ValueError for anything
     else: a base-256 number, a field tarfile's own code is to judge)."""
     end = field.find(0)
     return int((field if end < 0 else field[:end]).strip() or b"0", 8)
 
 
-def _text(field: bytes, encoding: str, errors: str) -> str:
+def _text(field: Union[bytes, bytearray], encoding: str, errors: str) -> str:
     """A text field up to its first NUL, as tarfile's nts reads it."""
     end = field.find(0)
     return (field if end < 0 else field[:end]).decode(encoding, errors)
