@@ -60,6 +60,20 @@ def socket_answers(path: str) -> bool:
             return False
 
 
+def plugin_answers(path: str) -> bool:
+    """Whether the daemon on `path` answers a call (the socket accepts connections as soon
+    as it is bound, before the daemon has resumed its state and serves)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(path)
+            s.sendall(b"POST /Plugin.Activate HTTP/1.1\r\nHost: plugin\r\n"
+                      b"Content-Length: 0\r\n\r\n")
+            return s.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -111,7 +125,7 @@ class DriverProcess:
             stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         logf.close()
-        wait_until(lambda: self.proc.poll() is not None or socket_answers(self.socket), 15,
+        wait_until(lambda: self.proc.poll() is not None or plugin_answers(self.socket), 15,
               f"driver socket {self.socket}", self.log_path)
         if self.proc.poll() is not None:
             raise RuntimeError(f"driver exited with {self.proc.returncode}; see {self.log_path}")

@@ -192,7 +192,10 @@ class Driver:
         state = {"Home": self._layout.home, "Refs": self._refs}
         try:
             os.makedirs(os.path.dirname(self.state_file), mode=0o755, exist_ok=True)
-            atomic_write(self.state_file, json.dumps(state) + "\n")
+            # Not flushed to disk: it serves a restart of the driver alone (the mounts it
+            # counts do not outlive a reboot, nor does /run), and Get, Put and Remove
+            # write it - a flush each would be a journal commit where /run is no tmpfs.
+            atomic_write(self.state_file, json.dumps(state) + "\n", durable=False)
         except OSError as e:
             log.warning("cannot record the driver's state in %s (a restart of the driver "
                         "will need a dockerd restart): %s", self.state_file, e)

@@ -259,18 +259,24 @@ def remove_at(dir_fd: int, name: str) -> None:
         return
     with DirStack(dir_fd) as stack:
         stack.push(name)
-        pending: List[Iterator[str]] = [iter(os.listdir(stack.fd))]
+        pending: List[Iterator[os.DirEntry]] = [iter(list(os.scandir(stack.fd)))]
         while True:
             child = next(pending[-1], None)
             if child is not None:
-                cst = lstat_at(stack.fd, child)
-                if cst is None:
+                # The kind from the directory entry (no lstat); pushing checks it again.
+                if not child.is_dir(follow_symlinks=False):
+                    try:
+                        os.unlink(child.name, dir_fd=stack.fd)
+                        continue
+                    except FileNotFoundError:
+                        continue
+                    except IsADirectoryError:
+                        pass  # made a directory since it was listed
+                try:
+                    stack.push(child.name)
+                except FileNotFoundError:
                     continue
-                if not stat.S_ISDIR(cst.st_mode):
-                    os.unlink(child, dir_fd=stack.fd)
-                    continue
-                stack.push(child)
-                pending.append(iter(os.listdir(stack.fd)))
+                pending.append(iter(list(os.scandir(stack.fd))))
                 continue
             pending.pop()
             own = stack.names[-1]

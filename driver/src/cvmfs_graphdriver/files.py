@@ -68,17 +68,19 @@ def write_durably(path: str, content: str) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: str, content: str) -> None:
+def atomic_write(path: str, content: str, *, durable: bool = True) -> None:
     """Replace `path` with `content` so readers see the old or the new file, never half.
     Writers racing on the same path each use their own temporary file (the last rename
-    wins)."""
+    wins). `durable`: the content is on disk before it replaces the file (what a crash
+    of the process alone needs is the rename, which holds without)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=os.path.dirname(path) or ".")
     try:
         with open(fd, "w", encoding="utf-8") as f:
             f.write(content)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
