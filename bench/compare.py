@@ -26,9 +26,9 @@ order of the two drivers alternating round by round:
 then thin images on the cvmfs dockerd (`cvmfs-thin convert --store dir:... --push`; the
 "CVMFS repository" is a local directory, so this is what the driver adds, not network
 savings): pull + first run of the thin image against the same image pulled regularly, 20
-thin starts at once, and time against image size (full: 50/150/300 MB) for pull, import
-and thin start. The driver daemon's peak RSS (VmHWM) over the suite, and its VmRSS after
-each round.
+thin starts at once, and time against image size (full: 50/150/300 MB, 2 rounds) for
+pull, import and thin start. The driver daemon's peak RSS (VmHWM) over the suite, and its
+VmRSS after each round.
 
 Writes OUT/latest.json, OUT/latest.md, OUT/ratios.png and OUT/scaling.png (--quick:
 quick.json, quick.md, quick-ratios.png, quick-scaling.png); OUT is bench/results unless
@@ -114,8 +114,8 @@ class Params:
 FULL = Params(rounds=5, import_mb=150, import_files=3000, multi_mb=600, deep_layers=125,
               concurrent_starts=20, concurrent_pulls=4, concurrent_pull_mb=40,
               build_small=2000, build_big=3, build_big_mb=20, scaling_mb=(50, 150, 300),
-              scaling_rounds=3, warm_repeats=3)
-QUICK = Params(rounds=2, import_mb=50, import_files=1000, multi_mb=150, deep_layers=30,
+              scaling_rounds=2, warm_repeats=3)
+QUICK = Params(rounds=2, import_mb=50, import_files=1000, multi_mb=100, deep_layers=30,
                concurrent_starts=6, concurrent_pulls=2, concurrent_pull_mb=10,
                build_small=500, build_big=3, build_big_mb=5, scaling_mb=(20, 50),
                scaling_rounds=1, warm_repeats=2)
@@ -661,9 +661,8 @@ def publish_thin(s: Suite) -> None:
     """A thin image of each scaling size (and of the import image's size), pushed."""
     ours = s.daemons["cvmfs"]
     for mb in s.p.scaling_mb:
-        src = f"{s.reg.address}/bench/s{mb}:1"
-        thin = f"{s.reg.address}/bench/thin-s{mb}:1"
-        ours.docker("pull", src, timeout=900)
+        src, thin = f"s{mb}:src", f"{s.reg.address}/bench/thin-s{mb}:1"
+        ours.docker("import", s.w.scaling[mb], src, timeout=900)  # the same layer as pushed
         t0 = time.monotonic()
         sh(sys.executable, "-m", "cvmfs_graphdriver.publish.cli", "--docker-host", ours.host,
            "convert", src, "--store", f"dir:{s.store}", "--repo", REPO, "--tag", thin,
