@@ -58,8 +58,8 @@ def build_go_tool(name: str) -> str:
 
 def served_bytes(log: str) -> int:
     """Bytes of blob bodies the registry sent (its access log's response sizes)."""
-    return sum(int(n) for n in re.findall(r'"GET [^"]*/blobs/sha256:[0-9a-f]+ HTTP/[^"]*" 200 (\d+)',
-                                          log))
+    return sum(int(n) for n in re.findall(
+        r'"GET [^"]*/blobs/sha256:[0-9a-f]+ HTTP/[^"]*" 200 (\d+)', log))
 
 
 def main() -> int:
@@ -133,7 +133,8 @@ def main() -> int:
         rows.append({"variant": v, "median_s": round(m, 3), "min_s": round(min(times[v]), 3),
                      "max_s": round(max(times[v]), 3), "ratio": round(m / base, 2),
                      "registry_mb": round(statistics.median(served[v]) / 1e6, 1)})
-    table = ["| variant | pull + first run, median (min–max) | / overlayfs | MB from the registry |",
+    table = ["| variant | pull + first run, median (min–max) | / overlayfs "
+             "| MB from the registry |",
              "| --- | --- | --- | --- |"]
     table += [f"| {r['variant']} | {r['median_s']:.2f} s ({r['min_s']:.2f}–{r['max_s']:.2f}) | "
               f"{r['ratio']:.2f} | {r['registry_mb']} |" for r in rows]

@@ -11,6 +11,7 @@ bash scripts/setup.sh
 
 echo "== lint (ruff) and type check (mypy)"
 .venv/bin/ruff check driver
+.venv/bin/ruff check --config driver/pyproject.toml bench
 (cd driver && ../.venv/bin/mypy)
 
 echo "== driver tests (pytest)"
@@ -21,5 +22,9 @@ bash scripts/graphtest.sh
 
 echo "== containerd snapshotter conformance (containerd's snapshots/testsuite against the snapshotter)"
 bash scripts/snapshotsuite.sh
+
+echo "== benchmark suite, quick mode (proves bench/compare.py runs: any failed operation fails it; its figures are not judged here)"
+bench_out=$(mktemp -d /tmp/bench-quick.XXXXXX)
+.venv/bin/python bench/compare.py --quick --out "$bench_out"
 
 bash scripts/test-provisioning.sh
