@@ -101,16 +101,24 @@ class _Level:
     same_dev: bool
 
 
+def _open_dirs(*paths: str) -> List[int]:
+    """Directory descriptors of `paths` (none left open if one fails)."""
+    fds: List[int] = []
+    try:
+        for path in paths:
+            fds.append(os.open(path, fdtree.DIR_FLAGS))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 def _collect(old_dir: str, new_dir: str) -> Tuple[_Node, _Node]:
     """Both trees, pruning subtrees that are the same inode on the same device (what
     overlay shows unchanged from a lower layer)."""
     old_root, new_root = _Node(None, None, {}), _Node(None, None, {})
-    ofd = os.open(old_dir, fdtree.DIR_FLAGS)
-    try:
-        nfd = os.open(new_dir, fdtree.DIR_FLAGS)
-    except BaseException:
-        os.close(ofd)
-        raise
+    ofd, nfd = _open_dirs(old_dir, new_dir)
     with fdtree.DirStack(ofd) as olds, fdtree.DirStack(nfd) as news:
         os.close(ofd)
         os.close(nfd)
@@ -159,18 +167,6 @@ def _enter(stack: fdtree.DirStack, name: str) -> bool:
     except (FileNotFoundError, UnsafeLayerError):
         return False
     return True
-
-
-def _open_dirs(*paths: str) -> List[int]:
-    fds: List[int] = []
-    try:
-        for path in paths:
-            fds.append(os.open(path, fdtree.DIR_FLAGS))
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return fds
 
 
 def _collect_upper(upper_dir: str, new_dir: str, old_dir: str) -> Tuple[_Node, _Node]:
