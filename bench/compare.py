@@ -67,6 +67,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(TOP, "driver", "tests"))
 
+from benchhost import host_facts  # noqa: E402 (this directory: the script's own)
 from harness import Dockerd, DriverProcess, Registry, busybox_rootfs  # noqa: E402
 
 CACHE = "/var/tmp/cgd-bench-cache"
@@ -786,20 +787,11 @@ def thin_doc(s: Suite) -> Dict:
 
 
 def machine() -> Dict[str, str]:
-    cpu = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem = int(f.readline().split()[1]) / 1024 / 1024
+    h = host_facts()
     fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", "/var/lib"],
                         capture_output=True, text=True).stdout.strip()
-    with open("/proc/loadavg") as f:
-        load = " ".join(f.read().split()[:3])
-    return {"kernel": platform.release(), "cpus": str(os.cpu_count()), "cpu_model": cpu,
-            "mem_gib": f"{mem:.1f}", "var_lib_fs": fs, "load_before": load}
+    return {"kernel": h["kernel"], "cpus": h["cpus"], "cpu_model": h["cpu_model"],
+            "mem_gib": h["mem_gib"], "var_lib_fs": fs, "load_before": h["load"]}
 
 
 def versions() -> Dict[str, object]:

@@ -66,6 +66,7 @@ TOP = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(TOP, "driver", "tests"))
 sys.path.insert(0, os.path.join(TOP, "driver", "tests", "snapshotter"))
 
+from benchhost import host_facts  # noqa: E402 (this directory: the script's own)
 from containerd_harness import NAMESPACE, Containerd  # noqa: E402
 from harness import Dockerd, DriverProcess, busybox_rootfs, tar_of, wait_until  # noqa: E402
 from sntools import Daemon  # noqa: E402
@@ -928,18 +929,9 @@ def versions() -> Dict[str, str]:
 
 
 def machine() -> Dict[str, str]:
-    cpu = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem = int(f.readline().split()[1]) / 1024 / 1024
-    with open("/proc/loadavg") as f:
-        load = " ".join(f.read().split()[:3])
-    return {"host": platform.node(), "cpu": f"{os.cpu_count()} x {cpu}, {mem:.1f} GiB",
-            "kernel": platform.release(), "load_before": load}
+    h = host_facts()
+    return {"host": platform.node(), "cpu": f"{h['cpus']} x {h['cpu_model']}, "
+            f"{h['mem_gib']} GiB", "kernel": h["kernel"], "load_before": h["load"]}
 
 
 def build_go_tool(name: str) -> str:
