@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
-from . import fdtree, mounts, tarformat, tarread, whiteouts
+from . import fdtree, tarformat, tarread, whiteouts
 from .changes import CHANGE_DELETE, Change
 from .errors import DriverError, UnsafeLayerError
 
@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 
 _COPY_CHUNK = 1 << 20
 _T = TypeVar("_T")
-# Files from this size on start their writeback as soon as written (apply_tar's
-# `writeback`); smaller ones are left to the flush, whose journal commit they share.
-_WRITEBACK_MIN = 64 << 10
 
 
 # ---------------------------------------------------------------------------- names
@@ -184,7 +181,7 @@ class ApplyResult:
 
 
 def apply_tar(stream: IO[bytes], root: str, converter: Optional[whiteouts.Converter],
-              max_bytes: int = 0, writeback: bool = False) -> ApplyResult:
+              max_bytes: int = 0) -> ApplyResult:
     """Extract an uncompressed layer tar into the directory `root`.
 
     `converter` says what whiteout markers become (whiteouts.OverlayUpper for a layer's
@@ -192,8 +189,7 @@ def apply_tar(stream: IO[bytes], root: str, converter: Optional[whiteouts.Conver
     plain files they are (a published layer, as DUCC stores them). The layer's files may
     take `max_bytes` (0: no limit of its own) and never more than is free (see
     tarread.SizeBudget). The tar is read within tarread's bounds and must end with its
-    end-of-archive marker. With `writeback`, each file's data starts on its way to disk
-    as soon as it is written (mounts.start_writeback), for a flush that follows.
+    end-of-archive marker.
     """
     root_fd = os.open(root, fdtree.DIR_FLAGS)
     walker = fdtree.DirStack(root_fd)  # where the entries go, in the tar's order
@@ -214,7 +210,7 @@ def apply_tar(stream: IO[bytes], root: str, converter: Optional[whiteouts.Conver
                     result.entries += 1
                     result.bytes += member.size
                     _apply_member(tar, member, root_fd, walker, dir_times, result, converter,
-                                  budget, writeback)
+                                  budget)
                 tarread.check_end(tar)
             except tarfile.TarError as e:
                 raise DriverError(f"layer tar is corrupt or truncated "
@@ -236,7 +232,6 @@ def _apply_member(
     result: ApplyResult,
     converter: Optional[whiteouts.Converter],
     budget: tarread.SizeBudget,
-    writeback: bool,
 ) -> None:
     parts = split_member_name(member.name)
     times, xattrs = _check_member(member, "/".join(parts) or member.name)
@@ -283,8 +278,6 @@ def _apply_member(
             dir_fd=pfd))
         try:
             tarread.write_data(tar, member, fd, shown, _COPY_CHUNK)
-            if writeback and member.size >= _WRITEBACK_MIN:
-                mounts.start_writeback(fd)
             _set_metadata(fd, None, member, xattrs, shown, is_link=False)
             os.utime(fd, ns=times)
         finally:

@@ -9,37 +9,26 @@ import os
 import signal
 import sys
 import threading
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
-from . import __version__
-from .config import DEFAULT_CONFIG_PATH, LOG_LEVELS, ConfigError, load, parse_list
+from . import __version__, metrics
+from .config import (
+    DEFAULT_CONFIG_PATH,
+    LOG_LEVELS,
+    Config,
+    ConfigError,
+    load,
+    parse_list,
+    state_file,
+    volumes_state_file,
+)
 from .driver import Driver
 from .errors import DriverError
-from .server import PluginServer, activated_socket, bind_socket, sd_notify
+from .server import PluginServer
+from .sockets import activated_socket, bind_socket, sd_notify
 from .volumes import Volumes
 
 log = logging.getLogger("cvmfs_graphdriver")
-
-STATE_DIR = "/run/cvmfs-graphdriver"
-# The cvmfs volumes dockerd has made (they outlive a reboot, as dockerd's record of them).
-VOLUMES_STATE_DIR = "/var/lib/cvmfs-graphdriver/volumes"
-
-
-def _socket_key(socket_path: str) -> str:
-    """A file name for the daemon serving `socket_path`: daemons on other sockets never
-    pick up each other's state."""
-    return os.path.normpath(socket_path).strip("/").replace("/", "-")
-
-
-def state_file(socket_path: str) -> str:
-    """Where the daemon serving `socket_path` records dockerd's Init (gone after a reboot,
-    like the mounts)."""
-    return os.path.join(STATE_DIR, f"{_socket_key(socket_path)}.init.json")
-
-
-def volumes_state_file(socket_path: str) -> str:
-    return os.path.join(VOLUMES_STATE_DIR, f"{_socket_key(socket_path)}.json")
-
 
 def _daemon_args(parser: argparse.ArgumentParser, socket_default: str) -> None:
     """--config, --socket and --log-level, which every daemon command takes."""
@@ -56,6 +45,27 @@ def _repository_args(parser: argparse.ArgumentParser, what: str) -> None:
                         help="where CVMFS repositories are mounted (default /cvmfs)")
     parser.add_argument("--repositories", metavar="REPO[,REPO...]",
                         help=f"{what} (replaces the configured list)")
+
+
+def _metrics_args(parser: argparse.ArgumentParser) -> None:
+    """--metrics-textfile-dir, --metrics-socket and --metrics-interval (config.py)."""
+    parser.add_argument("--metrics-textfile-dir", metavar="DIR",
+                        help="write Prometheus metrics into DIR for node_exporter's textfile "
+                        "collector ('' turns it off)")
+    parser.add_argument("--metrics-socket", metavar="PATH",
+                        help="serve GET /metrics on this unix socket, mode 0600 ('' turns "
+                        "it off)")
+    parser.add_argument("--metrics-interval", metavar="SECONDS", type=int,
+                        help="seconds between two writes of the metrics file (default 15)")
+
+
+def _exporter(cfg: Config, face: str, collect: Callable[[], metrics.Samples],
+              socket_path: str) -> metrics.Exporter:
+    """The face's metrics as configured, started (nothing runs when both are off)."""
+    return metrics.exporter_for(
+        face, collect, textfile_dir=cfg.metrics_textfile_dir, socket_path=socket_path,
+        interval=cfg.metrics_interval, cvmfs_root=cfg.cvmfs_root,
+        repositories=cfg.repositories).start()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                      "(VolumeDriver; the default)")
     vol.add_argument("--no-volumes", dest="volumes", action="store_false",
                      help="serve the graph driver only")
+    _metrics_args(s)
     v = sub.add_parser("volumes", help="serve only the VolumeDriver protocol: allowed "
                        "repositories as read-only Docker volumes (for snapshotter mode)")
     _daemon_args(v, "/run/docker/plugins/cvmfs.sock")
@@ -87,7 +98,22 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show-config", help="print the effective configuration")
     show.add_argument("--config", metavar="FILE", help="configuration file to read")
     _snapshotter_parser(sub)
+    _node_parsers(sub)
     return p
+
+
+def _node_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`check` and `status` (modules check and status; they import this one)."""
+    from . import check, status
+
+    c = sub.add_parser("check", help="preflight of this node: overlayfs, sockets, the "
+                       "engine, repositories, free space (exit 1 on a failure)")
+    check.add_arguments(c)
+    c.set_defaults(run=check.command)
+    st = sub.add_parser("status", help="layers (regular, thin, lazy), thin layers per "
+                        "repository, active mounts, disk used")
+    status.add_arguments(st)
+    st.set_defaults(run=status.command)
 
 
 def serve(args: argparse.Namespace, graph: bool = True) -> int:
@@ -98,6 +124,9 @@ def serve(args: argparse.Namespace, graph: bool = True) -> int:
         sync_layers=getattr(args, "sync_layers", None), cvmfs_root=args.cvmfs_root,
         repositories=None if args.repositories is None else parse_list(args.repositories),
         volumes=getattr(args, "volumes", None),
+        metrics_textfile_dir=getattr(args, "metrics_textfile_dir", None),
+        metrics_socket=getattr(args, "metrics_socket", None),
+        metrics_interval=getattr(args, "metrics_interval", None),
     )
     if not graph and not cfg.volumes:
         raise ConfigError("`volumes` serves the VolumeDriver protocol, which the "
@@ -117,6 +146,7 @@ def serve(args: argparse.Namespace, graph: bool = True) -> int:
     if cfg.volumes:
         volumes = Volumes(cfg.cvmfs_root, cfg.repositories, volumes_state_file(cfg.socket))
     server = PluginServer(sock, driver, volumes)
+    exporter = None
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping (mounts stay: running containers keep their layers)",
@@ -126,12 +156,18 @@ def serve(args: argparse.Namespace, graph: bool = True) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("cvmfs-graphdriver %s (%s) listening on %s", __version__,
-             " + ".join(server.faces), bound_path or f"socket from systemd (fd {sock.fileno()})")
-    sd_notify(f"READY=1\nSTATUS=listening on {bound_path or 'activated socket'}")
     try:
+        if driver is not None:  # before READY: a metrics socket in use stops the start
+            exporter = _exporter(cfg, metrics.FACE_GRAPHDRIVER, driver.metric_samples,
+                                 cfg.metrics_socket)
+        log.info("cvmfs-graphdriver %s (%s) listening on %s", __version__,
+                 " + ".join(server.faces),
+                 bound_path or f"socket from systemd (fd {sock.fileno()})")
+        sd_notify(f"READY=1\nSTATUS=listening on {bound_path or 'activated socket'}")
         server.serve_forever(poll_interval=0.5)
     finally:
+        if exporter is not None:
+            exporter.stop()
         server.server_close()
         if bound_path:
             with contextlib.suppress(FileNotFoundError):
@@ -157,6 +193,7 @@ def _snapshotter_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     s.add_argument("--home", metavar="DIR",
                    help="where snapshots live (default /var/lib/cvmfs-graphdriver/snapshotter)")
     _repository_args(s, "repositories remote layers may come from")
+    _metrics_args(s)
 
 
 def snapshotter(args: argparse.Namespace) -> int:
@@ -165,6 +202,8 @@ def snapshotter(args: argparse.Namespace) -> int:
         snapshotter_home=None if args.home is None else os.path.abspath(args.home),
         log_level=args.log_level, cvmfs_root=args.cvmfs_root,
         repositories=None if args.repositories is None else parse_list(args.repositories),
+        metrics_textfile_dir=args.metrics_textfile_dir,
+        snapshotter_metrics_socket=args.metrics_socket, metrics_interval=args.metrics_interval,
     )
     try:
         from .snapshotter import service
@@ -178,14 +217,25 @@ def snapshotter(args: argparse.Namespace) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from .snapshotter import remote
 
+    exporters: List[metrics.Exporter] = []
+
+    def setup(sn: Any) -> object:
+        cv = remote.install(sn, cfg.cvmfs_root, cfg.repositories,
+                            cfg.snapshotter_trust_unrecorded_layers)
+        exporters.append(_exporter(cfg, metrics.FACE_SNAPSHOTTER,
+                                   lambda: remote.metric_samples(sn, cv),
+                                   cfg.snapshotter_metrics_socket))
+        return cv
+
     try:
-        return service.run(
-            cfg.snapshotter_home, cfg.snapshotter_socket, sync_commits=cfg.sync_layers,
-            setup=lambda sn: remote.install(sn, cfg.cvmfs_root, cfg.repositories,
-                                            cfg.snapshotter_trust_unrecorded_layers))
+        return service.run(cfg.snapshotter_home, cfg.snapshotter_socket,
+                           sync_commits=cfg.sync_layers, setup=setup)
     except (SnapshotterError, MetaStoreError) as e:
         print(f"cvmfs-graphdriver: {e}", file=sys.stderr)
         return 2
+    finally:
+        for exporter in exporters:
+            exporter.stop(final_write=False)  # the snapshots' store is closed by now
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -197,6 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return serve(args, graph=False)
         if args.command == "snapshotter":
             return snapshotter(args)
+        if args.command in ("check", "status"):
+            return int(args.run(args))
         if args.command == "show-config":
             cfg = load(args.config)
             for key, value in vars(cfg).items():

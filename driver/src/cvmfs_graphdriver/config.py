@@ -23,6 +23,16 @@
     # type=volume,volume-driver=cvmfs,src=REPO,dst=/cvmfs/REPO` mounts an allowed
     # repository read-only. The `volumes` command serves only this (snapshotter mode).
     volumes = true
+    # Metrics in Prometheus' text format for node_exporter's textfile collector: the
+    # directory it reads (--collector.textfile.directory); `serve` writes
+    # cvmfs_graphdriver.prom there, `snapshotter` cvmfs_graphdriver_snapshotter.prom,
+    # each replaced atomically every metrics_interval seconds. Empty: no file.
+    metrics_textfile_dir =
+    # A unix socket (mode 0600, root only) answering HTTP `GET /metrics` with the same
+    # text, for `serve`. Empty: none.
+    metrics_socket =
+    # Seconds between two writes of the metrics file (and probes of the repositories).
+    metrics_interval = 15
 
     [snapshotter]
     # The containerd snapshotter face (`cvmfs-graphdriver snapshotter`); [driver]'s
@@ -36,6 +46,8 @@
     # A layer published without one (by DUCC) is then downloaded instead; true serves it
     # unchecked - only where every image a node pulls is trusted (see the README).
     trust_unrecorded_layers = false
+    # The snapshotter's metrics socket ([driver]'s metrics_socket is the graph driver's).
+    metrics_socket =
 """
 
 from __future__ import annotations
@@ -52,7 +64,10 @@ SECTION = "driver"
 SNAPSHOTTER_SECTION = "snapshotter"
 # [snapshotter] keys -> Config fields (kept apart from [driver]'s keys)
 SNAPSHOTTER_KEYS = {"socket": "snapshotter_socket", "home": "snapshotter_home",
-                    "trust_unrecorded_layers": "snapshotter_trust_unrecorded_layers"}
+                    "trust_unrecorded_layers": "snapshotter_trust_unrecorded_layers",
+                    "metrics_socket": "snapshotter_metrics_socket"}
+# Keys whose value is a path or empty (off).
+OPTIONAL_PATHS = ("metrics_textfile_dir", "metrics_socket", "snapshotter_metrics_socket")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SIZE_UNITS = {"K": 10, "M": 20, "G": 30, "T": 40}
 SIZE_RE = re.compile(r"([0-9]+) ?([KMGTkmgt]?)(?:(?<=[KMGTkmgt])iB)?", re.ASCII)  # 50G, 50 GiB
@@ -71,10 +86,14 @@ class Config:
     cvmfs_root: str = "/cvmfs"
     repositories: Tuple[str, ...] = ()
     volumes: bool = True
+    metrics_textfile_dir: str = ""
+    metrics_socket: str = ""
+    metrics_interval: int = 15
     # [snapshotter] section
     snapshotter_socket: str = "/run/cvmfs-graphdriver/snapshotter.sock"
     snapshotter_home: str = "/var/lib/cvmfs-graphdriver/snapshotter"
     snapshotter_trust_unrecorded_layers: bool = False
+    snapshotter_metrics_socket: str = ""
 
     def replace(self, **changes: Any) -> Config:
         return validate(dataclasses.replace(self, **{k: v for k, v in changes.items()
@@ -99,6 +118,12 @@ def parse_size(key: str, value: str) -> int:
     return int(m.group(1)) << SIZE_UNITS.get(m.group(2).upper(), 0)
 
 
+def parse_seconds(key: str, value: str) -> int:
+    if not value.strip().isdigit():
+        raise ConfigError(f"{key} = {value!r}: expected a whole number of seconds")
+    return int(value.strip())
+
+
 def validate(cfg: Config) -> Config:
     if cfg.max_layer_bytes < 0:
         raise ConfigError(f"max_layer_bytes = {cfg.max_layer_bytes}: must be 0 (no limit of "
@@ -107,9 +132,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"log_level = {cfg.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
     if not os.path.isabs(cfg.socket):
         raise ConfigError(f"socket = {cfg.socket!r}: must be an absolute path")
+    for name in OPTIONAL_PATHS:
+        value = getattr(cfg, name)
+        if value and not os.path.isabs(value):
+            key = name.replace("snapshotter_", f"[{SNAPSHOTTER_SECTION}] ")
+            raise ConfigError(f"{key} = {value!r}: must be an absolute path, or empty (off)")
+    if cfg.metrics_interval < 1:
+        raise ConfigError(f"metrics_interval = {cfg.metrics_interval}: must be a number of "
+                          "seconds, at least 1")
     for key, field in SNAPSHOTTER_KEYS.items():
         value = getattr(cfg, field)
-        if isinstance(value, str) and not os.path.isabs(value):
+        if isinstance(value, str) and field not in OPTIONAL_PATHS \
+                and not os.path.isabs(value):
             raise ConfigError(f"[{SNAPSHOTTER_SECTION}] {key} = {getattr(cfg, field)!r}: "
                               "must be an absolute path")
     if not os.path.isabs(cfg.cvmfs_root):
@@ -161,6 +195,8 @@ def parse(text: str, source: str = "<config>") -> Config:
             kind = known[key].type
             if kind in (bool, "bool"):
                 values[key] = _parse_bool(key, raw)
+            elif key == "metrics_interval":
+                values[key] = parse_seconds(key, raw)
             elif kind in (int, "int"):
                 values[key] = parse_size(key, raw)
             elif key == "repositories":
@@ -183,3 +219,46 @@ def load(path: Optional[str]) -> Config:
         if path is None:
             return Config()
         raise ConfigError(f"configuration file {target} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"configuration file {target} is not UTF-8 text ({e.reason} at "
+                          f"byte {e.start}): write it as UTF-8") from None
+    except IsADirectoryError:
+        raise ConfigError(f"configuration file {target} is a directory: name the file "
+                          "(--config FILE)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the configuration file {target}: "
+                          f"{e.strerror or e}") from None
+
+
+def configured_mode(path: Optional[str]) -> str:
+    """"snapshotter" when the configuration file has a [snapshotter] section (the
+    graphdriver role writes one only in snapshotter mode), else "plugin"."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path or DEFAULT_CONFIG_PATH, encoding="utf-8") as f:
+            parser.read_string(f.read())
+    except (OSError, configparser.Error):
+        return "plugin"
+    return "snapshotter" if parser.has_section(SNAPSHOTTER_SECTION) else "plugin"
+
+
+# Where the daemons keep their own state on a node (not the layers: those are in the home).
+STATE_DIR = "/run/cvmfs-graphdriver"
+# The cvmfs volumes dockerd has made (they outlive a reboot, as dockerd's record of them).
+VOLUMES_STATE_DIR = "/var/lib/cvmfs-graphdriver/volumes"
+
+
+def socket_key(socket_path: str) -> str:
+    """A file name for the daemon serving `socket_path`: daemons on other sockets never
+    pick up each other's state."""
+    return os.path.normpath(socket_path).strip("/").replace("/", "-")
+
+
+def state_file(socket_path: str) -> str:
+    """Where the daemon serving `socket_path` records dockerd's Init (gone after a reboot,
+    like the mounts)."""
+    return os.path.join(STATE_DIR, f"{socket_key(socket_path)}.init.json")
+
+
+def volumes_state_file(socket_path: str) -> str:
+    return os.path.join(VOLUMES_STATE_DIR, f"{socket_key(socket_path)}.json")

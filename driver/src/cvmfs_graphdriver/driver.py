@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
-from . import __version__, archive, fdtree, mounts, whiteouts
+from . import __version__, archive, fdtree, metrics, mounts, whiteouts
 from .changes import Change, changes_dirs, changes_in_upper, changes_size
 from .config import Config
 from .errors import DriverError, NotFoundError
@@ -417,12 +417,19 @@ class Driver:
                 count = 1  # mounted by an earlier run; its user still holds it
             else:
                 readonly = os.path.exists(layout.committed_file(layer_id))
-                lower = self.thin.expand(lower)  # checks CVMFS before anything is mounted
+                try:
+                    lower = self.thin.expand(lower)  # checks CVMFS before anything is mounted
+                except BaseException as e:
+                    metrics.mount_errors.inc()
+                    if isinstance(e, DescriptorError):  # its repository no longer allowed
+                        metrics.descriptor_errors.inc()
+                    raise
                 try:
                     opts = overlay_options(layout, layer_id, lower, readonly=readonly,
                                            extra=self._extra_opts, mount_label=mount_label)
                     mounts.mount_overlay(opts.data, opts.target, opts.relative_to)
                 except (OSError, ValueError) as e:
+                    metrics.mount_errors.inc()
                     raise DriverError(
                         f"cannot mount layer {layer_id} at {merged}: {e}. "
                         "Check `dmesg` for overlayfs messages."
@@ -471,12 +478,13 @@ class Driver:
             diff = layout.diff(layer_id)
             started = time.monotonic()
             result = _apply(layer_id, stream, diff, whiteouts.OverlayUpper(),
-                            self.config.max_layer_bytes, self.config.sync_layers)
+                            self.config.max_layer_bytes)
             applied = time.monotonic()
             size = fdtree.directory_size(diff)
             try:
                 self.thin.record(layer_id)
             except DescriptorError as e:
+                metrics.descriptor_errors.inc()
                 raise DriverError(f"layer {layer_id} is a thin image layer that cannot be used: "
                                   f"{e}") from None
             measured = time.monotonic()
@@ -486,6 +494,7 @@ class Driver:
                 os.unlink(layout.unapplied_marker(layer_id))
             os.unlink(marker)
             fsync_dir(layout.dir(layer_id))
+            metrics.applied(size, time.monotonic() - started)
             log.info("layer %s: applied %d entries (%d whiteouts), %d bytes: %.3f s to unpack, "
                      "%.3f s to measure, %.3f s to flush", layer_id, result.entries,
                      result.whiteouts, size, applied - started, measured - applied,
@@ -496,16 +505,18 @@ class Driver:
         """ApplyDiff against another parent than the layer's own: apply the tar onto the
         mounted layer, markers carried out as deletions (overlay2's fallback, moby's
         NaiveDiffDriver.ApplyDiff); the size is what moby's UnpackLayer counts."""
+        started = time.monotonic()
         view = self.get(layer_id)
         try:
             result = _apply(layer_id, stream, view, whiteouts.Flatten(),
-                            self.config.max_layer_bytes, self.config.sync_layers)
+                            self.config.max_layer_bytes)
         finally:
             self.put(layer_id)
         if self.config.sync_layers:
             mounts.syncfs(self.layout.diff(layer_id))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.layout.unapplied_marker(layer_id))
+        metrics.applied(result.bytes, time.monotonic() - started)
         log.info("layer %s: applied %d entries onto the mounted layer (naive), %d bytes",
                  layer_id, result.entries, result.bytes)
         return result.bytes
@@ -608,6 +619,26 @@ class Driver:
                          f"{in_use.get(repo, 0)} mounted layers on them"])
         return rows
 
+    def metric_samples(self) -> metrics.Samples:
+        """The gauges of the metrics (metrics.Exporter's collect): layers by kind,
+        mounted layers, and how many of them stand on each repository. Reads the home;
+        runs in the metrics thread, never in a request."""
+        layers = self._layer_ids() if self._layout is not None else []
+        with self._refs_lock:
+            mounted = [i for i, c in self._refs.items() if c > 0]
+        thin_count = sum(1 for la in layers if self.thin.is_thin(la))
+        per_repo: Dict[metrics.LabelValues, float] = {
+            (repo,): 0.0 for repo in self.config.repositories}
+        for user in mounted:
+            for repo in self.thin.repositories_below(self._lower(user)):
+                per_repo[(repo,)] = per_repo.get((repo,), 0.0) + 1
+        return {
+            metrics.LAYERS.name: {("regular",): float(len(layers) - thin_count),
+                                  ("thin",): float(thin_count)},
+            metrics.MOUNTED_LAYERS.name: {(): float(len(mounted))},
+            metrics.REPOSITORY_MOUNTS.name: per_repo,
+        }
+
     def metadata(self, layer_id: LayerId) -> Dict[str, str]:
         """What `docker inspect` shows under GraphDriver.Data; reads the home only."""
         self._require(layer_id)
@@ -644,12 +675,12 @@ class Driver:
 
 
 def _apply(layer_id: LayerId, stream: IO[bytes], root: str, converter: whiteouts.Converter,
-           max_bytes: int, writeback: bool) -> archive.ApplyResult:
+           max_bytes: int) -> archive.ApplyResult:
     """archive.apply_tar, its failures worded for the user with the layer named. The
     stream is read to its end: a body that breaks after the tar's end-of-archive (the
     client went away, a chunked body without its last chunk) is no complete layer."""
     try:
-        result = archive.apply_tar(stream, root, converter, max_bytes, writeback)
+        result = archive.apply_tar(stream, root, converter, max_bytes)
         while stream.read(1 << 20):
             pass  # padding after the end-of-archive blocks, as tar writers add
         return result

@@ -204,11 +204,13 @@ def sorted_names(dir_fd: int) -> List[str]:
     return sorted(os.listdir(dir_fd), key=os.fsencode)
 
 
-def walk(root_fd: int) -> Iterator[Tuple[DirStack, str, os.stat_result]]:
+def walk(root_fd: int, descend: Optional[Callable[[os.stat_result], bool]] = None,
+         ) -> Iterator[Tuple[DirStack, str, os.stat_result]]:
     """Every entry below `root_fd`, depth first in byte order of names, parents before
     their children: (the stack, whose `fd` is the entry's directory and `names` its
     path; the entry's name; its lstat). An entry that vanishes or stops being a
-    directory meanwhile is passed over."""
+    directory meanwhile is passed over; a directory whose lstat `descend` refuses is
+    yielded, its contents are not (to stay on one filesystem, say)."""
     with DirStack(root_fd) as stack:
         pending: List[Iterator[str]] = [iter(sorted_names(stack.fd))]
         while pending:
@@ -222,7 +224,7 @@ def walk(root_fd: int) -> Iterator[Tuple[DirStack, str, os.stat_result]]:
             if st is None:
                 continue
             yield stack, name, st
-            if not stat.S_ISDIR(st.st_mode):
+            if not stat.S_ISDIR(st.st_mode) or (descend is not None and not descend(st)):
                 continue
             try:
                 stack.push(name)

@@ -244,18 +244,6 @@ def supports_native_diff(home: str) -> bool:
             unmount(merged)
 
 
-_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-
-
-def start_writeback(fd: int) -> None:
-    """Start writing the file `fd`'s dirty pages to disk, without waiting for them
-    (sync_file_range SYNC_FILE_RANGE_WRITE). A layer's files are flushed as they are
-    written, so the `syncfs` before the layer is reported complete waits for the tail
-    only. It is an early start of what syncfs does: a failure is left for syncfs."""
-    _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-
-
 def syncfs(path: str) -> None:
     """Flush the filesystem holding `path` to stable storage."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -66,6 +66,7 @@ CVMFS_BOOKKEEPING = frozenset({".cvmfscatalog", ".cvmfsautocatalog", ".cvmfsdirt
 
 # DUCC's repository layout: where a layer (keyed by its digest) and a flattened image sit.
 LAYERS_DIR = ".layers"
+LAYER_FS = "layerfs"  # the layer's files, beside its METADATA_DIR
 FLAT_DIR = ".flat"
 
 
@@ -80,7 +81,7 @@ MAX_METADATA_BYTES = 1 << 24
 
 def layer_path(hexdigest: str) -> str:
     """`.layers/<hex[0:2]>/<hex>/layerfs`, relative to the repository root."""
-    return f"{LAYERS_DIR}/{hexdigest[:2]}/{hexdigest}/layerfs"
+    return f"{LAYERS_DIR}/{hexdigest[:2]}/{hexdigest}/{LAYER_FS}"
 
 
 def flat_path(hexdigest: str) -> str:
@@ -265,7 +266,7 @@ def read_layer_metadata(cvmfs_root: str, layer: ThinLayer, real_dir: str,
     can be used), read only if it is a regular file inside the layer's repository, at
     most MAX_METADATA_BYTES (files.read_regular: a FIFO there must not hang the daemon,
     a symlink is not followed)."""
-    if os.path.basename(real_dir) != "layerfs":
+    if os.path.basename(real_dir) != LAYER_FS:
         return None
     path = os.path.join(os.path.dirname(real_dir), METADATA_DIR, name)
     real_repo = os.path.realpath(os.path.join(cvmfs_root, layer.repo))

@@ -25,14 +25,11 @@ import os
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, Iterator, List, Optional, Set
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Protocol, Set
 
 from .errors import DriverError
 from .files import atomic_write
 from .thin import DescriptorError, check_allowed, check_repository_name
-
-if TYPE_CHECKING:
-    from .server import Request
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +264,13 @@ class Volumes:
 
 # ---------------------------------------------------------------------------- routes
 
-VolumeRoute = Callable[[Volumes, "Request"], Dict[str, Any]]
+class Request(Protocol):
+    """What a route reads of a request (server.Request): its JSON body."""
+
+    def json(self) -> Dict[str, Any]: ...
+
+
+VolumeRoute = Callable[[Volumes, Request], Dict[str, Any]]
 
 
 def _create(v: Volumes, r: Request) -> Dict[str, Any]:

@@ -15,7 +15,8 @@ from layer_tools import PluginClient, mounts_below
 from cvmfs_graphdriver import mounts
 from cvmfs_graphdriver.config import Config
 from cvmfs_graphdriver.driver import Driver
-from cvmfs_graphdriver.server import PluginServer, bind_socket
+from cvmfs_graphdriver.server import PluginServer
+from cvmfs_graphdriver.sockets import bind_socket
 
 
 @pytest.fixture

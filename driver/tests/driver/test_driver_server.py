@@ -27,7 +27,7 @@ from layer_tools import (
     read_tar,
 )
 
-from cvmfs_graphdriver import server
+from cvmfs_graphdriver import server, sockets
 from cvmfs_graphdriver.config import Config
 from cvmfs_graphdriver.driver import Driver
 
@@ -597,7 +597,7 @@ def test_connections_beyond_the_limit_wait_for_one_to_close(as_root, monkeypatch
     monkeypatch.setattr(server, "REQUEST_TIMEOUT", 60, raising=False)  # idle ones stay
     sockdir = tempfile.mkdtemp(prefix="cgd-", dir="/tmp")
     path = os.path.join(sockdir, "cap.sock")
-    srv = server.PluginServer(server.bind_socket(path), Driver(Config()), max_connections=4)
+    srv = server.PluginServer(sockets.bind_socket(path), Driver(Config()), max_connections=4)
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True)
     t.start()
@@ -642,7 +642,7 @@ def test_connections_beyond_the_limit_wait_for_one_to_close(as_root, monkeypatch
 def test_shutdown_is_not_held_up_by_a_connection_waiting_for_a_slot(as_root):
     sockdir = tempfile.mkdtemp(prefix="cgd-", dir="/tmp")
     path = os.path.join(sockdir, "cap.sock")
-    srv = server.PluginServer(server.bind_socket(path), Driver(Config()), max_connections=1)
+    srv = server.PluginServer(sockets.bind_socket(path), Driver(Config()), max_connections=1)
     t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True)
     t.start()

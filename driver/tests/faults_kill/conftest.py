@@ -29,7 +29,7 @@ for sub in (TESTS, os.path.join(TESTS, "integration"), os.path.join(TESTS, "snap
 from harness import DriverProcess, need  # noqa: E402
 
 from cvmfs_graphdriver import mounts  # noqa: E402
-from cvmfs_graphdriver.cli import state_file  # noqa: E402
+from cvmfs_graphdriver.config import state_file  # noqa: E402
 
 PLUGIN_NAME = os.environ.get("CVMFS_GRAPHDRIVER_TEST_PLUGIN", "cvmfs")
 

@@ -44,7 +44,7 @@ from harness import (
     tar_of,
 )
 
-from cvmfs_graphdriver.cli import state_file
+from cvmfs_graphdriver.config import state_file
 from cvmfs_graphdriver.layout import Layout
 
 pytestmark = pytest.mark.docker

@@ -56,7 +56,8 @@ def plugin_socket(tmp_path_factory) -> Iterator[str]:
 
     from cvmfs_graphdriver.config import Config
     from cvmfs_graphdriver.driver import Driver
-    from cvmfs_graphdriver.server import PluginServer, bind_socket
+    from cvmfs_graphdriver.server import PluginServer
+    from cvmfs_graphdriver.sockets import bind_socket
 
     need(os.geteuid() == 0, "needs root (the driver chowns and mounts)")
     home = str(tmp_path_factory.mktemp("fuzz-home"))

@@ -45,6 +45,8 @@ import pytest
 from dockerutil import build, driver_home, layer_dirs
 from harness import Dockerd, busybox_rootfs, export_manifest
 
+from cvmfs_graphdriver.publish import records
+
 pytestmark = pytest.mark.docker
 
 KIB = 1024
@@ -899,6 +901,7 @@ def _tar_names(data: bytes) -> List[str]:
 
 
 INGEST = ["ingest", "--keep-ownership", "--tar_file", "-", "--base_dir"]
+RECORD_INGEST = ["ingest", "--tar_file", "-", "--base_dir", records.RECORDS_DIR, "test.repo"]
 
 
 def _expected_calls(hexes: Sequence[str]) -> List[List[str]]:
@@ -947,7 +950,8 @@ def test_cvmfs_store_publishes_through_cvmfs_server_ingest(docker_clean: Dockerd
     first_run = _calls(recorder.log)
     assert [argv for argv, _ in first_run] == _expected_calls(missing)[:4]
 
-    # The rerun skips what was published and finishes.
+    # The rerun skips what was published and finishes; its last ingest is the image's
+    # record (records.py), in a transaction of its own.
     r = cvmfs_thin(d, *args, env=recorder())
     cvmfs.refresh("test.repo")
     n = len(hexes)
@@ -955,7 +959,10 @@ def test_cvmfs_store_publishes_through_cvmfs_server_ingest(docker_clean: Dockerd
     assert f"layer {k + 1}/{n} {missing[0][:12]}: already in the store, skipped" in r.stderr
     assert f"({len(missing) - 1} published, {n - len(missing) + 1} already there)" in r.stdout
     calls = _calls(recorder.log)
-    assert [argv for argv, _ in calls[len(first_run):]] == _expected_calls(missing[1:])
+    assert [argv for argv, _ in calls[len(first_run):]] == \
+        _expected_calls(missing[1:]) + [RECORD_INGEST]
+    assert _tar_names(calls[-1][1]) == [os.path.basename(records.record_path(tag))]
+    calls = calls[:-1]
 
     # Every stream is a valid tar with what the layer holds.
     ok_calls = first_run[:2] + calls[len(first_run):]
@@ -985,10 +992,11 @@ def test_cvmfs_store_publishes_through_cvmfs_server_ingest(docker_clean: Dockerd
     assert_same_view(export_of(d, tag), src_view, "cvmfs: store thin image vs source")
 
     # --flat into the cvmfs: store: one ingest of the flattened tree, no whiteouts in it.
-    done = len(calls)
+    done = len(_calls(recorder.log))
     cvmfs_thin(d, *args[:-1], "cgd-thin-ingest:flat", "--flat", env=recorder())
     cvmfs.refresh("test.repo")
-    (argv, stream), = _calls(recorder.log)[done:]
+    (argv, stream), (record_argv, _) = _calls(recorder.log)[done:]
+    assert record_argv == RECORD_INGEST
     key = image_id(d, src).split(":", 1)[1]
     assert argv == [*INGEST, f".flat/{key[:2]}/{key}", "--catalog", "test.repo"]
     names = _tar_names(stream)

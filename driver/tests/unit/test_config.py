@@ -86,6 +86,34 @@ def test_load_explicit_missing_file_is_an_error(tmp_path):
     assert str(missing) in str(e.value)
 
 
+def unreadable_configs(tmp_path):
+    """A directory, a file that cannot be opened (a symlink loop stands in for one that
+    is unreadable: the tests run as root) and a file that is not UTF-8."""
+    loop = tmp_path / "loop.ini"
+    loop.symlink_to(loop)
+    latin = tmp_path / "latin.ini"
+    latin.write_bytes("[driver]\n# caf\xe9\n".encode("latin-1"))
+    return ((tmp_path, "is a directory"), (loop, "cannot read the configuration file"),
+            (latin, "is not UTF-8 text"))
+
+
+def test_load_words_an_unreadable_file_as_a_config_error(tmp_path):
+    for path, says in unreadable_configs(tmp_path):
+        with pytest.raises(ConfigError, match=says):
+            load(str(path))
+
+
+@pytest.mark.parametrize("command", [["show-config"], ["status"]])
+def test_commands_say_what_is_wrong_with_an_unreadable_config(tmp_path, capsys, command):
+    """The commands print the error and exit 2 (a configuration error), no traceback
+    (the daemon's serve and snapshotter go through the same load)."""
+    from cvmfs_graphdriver import cli
+    for path, says in unreadable_configs(tmp_path):
+        assert cli.main([*command, "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+
+
 def test_load_reads_the_file(tmp_path):
     p = tmp_path / "c.ini"
     p.write_text("[driver]\nlog_level = warning\n")

@@ -22,7 +22,8 @@ from test_serve_process import call, wait_for
 from cvmfs_graphdriver import volumes as volumes_mod
 from cvmfs_graphdriver.config import Config, parse
 from cvmfs_graphdriver.driver import Driver
-from cvmfs_graphdriver.server import PluginServer, bind_socket
+from cvmfs_graphdriver.server import PluginServer
+from cvmfs_graphdriver.sockets import bind_socket
 from cvmfs_graphdriver.volumes import Volumes
 
 ALLOWED = ("ducc.repo", "gone.repo", "link.repo", "test.repo")

@@ -14,7 +14,7 @@ import tarfile
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import IO, Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Type
 
 from .. import archive, thin
 from ..errors import UnsafeLayerError
@@ -46,6 +46,17 @@ def normalise_tag(tag: str) -> str:
     return tag if ":" in last or "@" in last else f"{tag}:latest"
 
 
+def engine_errors() -> Tuple[Type[BaseException], ...]:
+    """What the Docker SDK (and requests, under it) raise when the engine or its registry
+    fails: one image's failure, not the run's."""
+    try:
+        import docker.errors
+        import requests.exceptions
+    except ImportError:
+        return ()
+    return (docker.errors.DockerException, requests.exceptions.RequestException)
+
+
 def get_image(client: Any, ref: str, pull: bool = True) -> Any:
     import docker.errors
 
@@ -60,6 +71,16 @@ def get_image(client: Any, ref: str, pull: bool = True) -> Any:
         raise PublishError(f"image {ref} is not local and cannot be pulled: {e}") from None
 
 
+def pull(client: Any, ref: str) -> Any:
+    """`ref` pulled afresh from its registry (a tag that moved gives the new image)."""
+    import docker.errors
+
+    try:
+        return client.images.pull(ref)
+    except docker.errors.APIError as e:
+        raise PublishError(f"cannot pull {ref}: {e}") from None
+
+
 @dataclass
 class SavedImage:
     """An image exported with `docker save`, read layer by layer."""
@@ -67,6 +88,10 @@ class SavedImage:
     tar: tarfile.TarFile
     layer_paths: List[str]  # base first
     config: Dict[str, Any]
+
+    def layer_size(self, index: int) -> int:
+        """The bytes of layer `index`'s tar."""
+        return int(self.tar.getmember(self.layer_paths[index]).size)
 
     @contextmanager
     def open_layer(self, index: int) -> Iterator[IO[bytes]]:

@@ -30,6 +30,8 @@ MANIFEST_TYPES = (
 )
 INDEX_TYPES = MANIFEST_TYPES[:2]
 MAX_MANIFEST_BYTES = 4 << 20
+TAGS_PAGE = 1000
+MAX_TAG_PAGES = 100
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -85,6 +87,10 @@ class Registry:
         self._tokens: Dict[Tuple[str, str], str] = {}
 
     def _get(self, ref: Reference, path: str, accept: str) -> Tuple[bytes, str]:
+        body, headers = self._get_full(ref, path, accept)
+        return body, headers.get("Content-Type", "")
+
+    def _get_full(self, ref: Reference, path: str, accept: str) -> Tuple[bytes, Any]:
         url = f"{ref.scheme}://{ref.api_host}/v2/{ref.repository}/{path}"
         for attempt in range(2):
             headers = {"Accept": accept}
@@ -97,7 +103,7 @@ class Registry:
                     body = r.read(MAX_MANIFEST_BYTES + 1)
                     if len(body) > MAX_MANIFEST_BYTES:
                         raise PublishError(f"{url}: manifest larger than {MAX_MANIFEST_BYTES}")
-                    return body, r.headers.get("Content-Type", "")
+                    return body, r.headers
             except urllib.error.HTTPError as e:
                 if e.code == 401 and attempt == 0:
                     self._authorize(ref, e.headers.get("WWW-Authenticate", ""), url)
@@ -127,6 +133,37 @@ class Registry:
         if not isinstance(token, str):
             raise PublishError(f"{realm} gave no token")
         self._tokens[(ref.api_host, ref.repository)] = token
+
+    def tags(self, ref: Reference) -> List[str]:
+        """Every tag of `ref`'s repository (`GET /v2/<name>/tags/list`, following the
+        registry's `Link: <...>; rel="next"` pages), sorted."""
+        out: List[str] = []
+        path = f"tags/list?n={TAGS_PAGE}"
+        for _ in range(MAX_TAG_PAGES):
+            body, headers = self._get_full(ref, path, "application/json")
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                raise PublishError(f"the registry's tag list of {ref.registry}/"
+                                   f"{ref.repository} is not JSON") from None
+            tags = doc.get("tags") if isinstance(doc, dict) else None
+            if tags is None:
+                tags = []  # distribution answers null for a repository without tags
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise PublishError(f"the registry's tag list of {ref.registry}/"
+                                   f"{ref.repository} is not a list of names")
+            out.extend(tags)
+            m = re.search(r'<([^>]*)>\s*;\s*rel="?next"?', headers.get("Link", "") or "")
+            if not m:
+                return sorted(set(out))
+            nxt = urllib.parse.urlsplit(m.group(1))
+            prefix = f"/v2/{ref.repository}/"
+            if not nxt.path.startswith(prefix) or nxt.netloc not in ("", ref.api_host):
+                raise PublishError(f"the registry's next page of tags ({m.group(1)}) is "
+                                   f"not on {ref.api_host}/v2/{ref.repository}")
+            path = nxt.path[len(prefix):] + (f"?{nxt.query}" if nxt.query else "")
+        raise PublishError(f"{ref.registry}/{ref.repository} lists more than "
+                           f"{TAGS_PAGE * MAX_TAG_PAGES} tags: name the tags instead of a glob")
 
     def layers(self, ref: Reference, os_name: str = "linux",
                architecture: str = "amd64") -> List[Layer]:

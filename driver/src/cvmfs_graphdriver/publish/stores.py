@@ -5,6 +5,11 @@
     .layers/<hex[0:2]>/<hex>/.metadata/origin.json     which image first published it,
                                                        and the layer's uncompressed digest
     .flat/<hex[0:2]>/<hex>/                            a whole image flattened
+    .cvmfs-thin/images/<sha256 of name>.json           which images use which layers
+                                                       (records.py; for `gc`)
+    .cvmfs-thin/cvmfs-thin.lock                        dir: stores: publishers share it,
+                                                       gc holds it alone (STORE_DIR,
+                                                       LOCK_FILE)
 
 `dir:PATH` writes into a directory that has the layout of a repository (a CVMFS
 publisher's tree, a test tree, a shared filesystem). Each layer is unpacked into a
@@ -29,10 +34,11 @@ import tarfile
 import tempfile
 import threading
 import time
-from typing import IO, Callable, ContextManager, Iterator, List, Optional
+from typing import IO, Callable, ContextManager, Dict, Iterator, List, Optional
 
-from .. import archive, mounts, thin, whiteouts
+from .. import archive, fdtree, mounts, thin, whiteouts
 from ..errors import DriverError
+from . import progress as _progress
 
 
 class PublishError(Exception):
@@ -43,6 +49,8 @@ class PublishError(Exception):
 # where cvmfs-thin keeps its lock and the note that it opened a transaction.
 CVMFS_SPOOL = "/var/spool/cvmfs"
 LOCK_FILE = "cvmfs-thin.lock"
+# cvmfs-thin's own directory in a store (its image records; a dir: store's lock).
+STORE_DIR = ".cvmfs-thin"
 TRANSACTION_OWNER = "cvmfs-thin.transaction"
 ABORT_TIMEOUT = 300
 
@@ -88,21 +96,130 @@ class Store:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def session(self) -> ContextManager[None]:
-        """Around a run's publishing: what the store needs held (a lock) or recovered."""
+    def session(self, exclusive: bool = False) -> ContextManager[None]:
+        """Around a run's publishing (and the records it writes): what the store needs
+        held (a lock) or recovered. `exclusive`: no publisher may run meanwhile (gc)."""
+        raise NotImplementedError
+
+    def record_lock(self, record: str, image: str) -> ContextManager[None]:
+        """Held from reading an image's record `record` until its new one is written, so
+        two runs publishing the same image one after the other, never interleaved (the
+        later would release what the earlier's pushed image uses). A store whose session
+        is exclusive already needs nothing more."""
         return contextlib.nullcontext()
+
+    def view(self, rel: str) -> str:
+        """Where `rel` of the store can be read on this machine."""
+        raise NotImplementedError
+
+    def read(self, rel: str, limit: int) -> Optional[bytes]:
+        """A small file of the store (None when absent)."""
+        try:
+            with open(self.view(rel), "rb") as f:
+                return f.read(limit + 1)
+        except FileNotFoundError:
+            return None
+
+    def listdir(self, rel: str) -> List[str]:
+        try:
+            return sorted(os.listdir(self.view(rel)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def commit(self, writes: Dict[str, bytes], deletes: List[str]) -> None:
+        """Delete the directories or files `deletes`, then write the small files
+        `writes`, each all or nothing (inside a session)."""
+        raise NotImplementedError
 
 
 class DirStore(Store):
-    def __init__(self, root: str, repo: str) -> None:
+    def __init__(self, root: str, repo: str, wait: float = 0.0) -> None:
         super().__init__(repo)
         self.root = os.path.abspath(root)
+        self.wait = wait
 
     def describe(self) -> str:
         return f"dir:{self.root}"
 
     def _path(self, rel: str) -> str:
         return os.path.join(self.root, rel)
+
+    def view(self, rel: str) -> str:
+        return self._path(rel)
+
+    @contextlib.contextmanager
+    def session(self, exclusive: bool = False) -> Iterator[None]:
+        """Publishers share the store's lock (each layer goes in by a rename, so they
+        cannot collide); gc takes it alone, so it never sees a layer published but not
+        yet recorded."""
+        if not os.path.isdir(self.root):
+            if exclusive:  # gc: a mistyped store must not look like an empty one
+                raise PublishError(f"the store {self.root} does not exist: fix the store's "
+                                   "path")
+            os.makedirs(self.root, mode=0o755, exist_ok=True)  # publishing creates it
+        own = os.path.join(self.root, STORE_DIR)
+        os.makedirs(own, mode=0o755, exist_ok=True)
+        with open(os.path.join(own, LOCK_FILE), "a+") as lock:
+            take_lock(lock, exclusive, self.wait, self.root)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def record_lock(self, record: str, image: str) -> Iterator[None]:
+        # Publishers share the session: the image's own lock, beside its record.
+        path = self._inside(record) + ".lock"
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        with open(path, "a+") as lock:
+            take_lock(lock, True, self.wait, f"{image} in {self.root}")
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _inside(self, rel: str) -> str:
+        path = self._path(rel)
+        parent = os.path.realpath(os.path.dirname(path))
+        if os.path.commonpath([parent, os.path.realpath(self.root)]) != \
+                os.path.realpath(self.root):
+            raise PublishError(f"{rel} leads out of the store {self.root} (a symbolic link "
+                               "in the store?): nothing was changed; fix the store by hand")
+        return os.path.join(parent, os.path.basename(path))
+
+    def commit(self, writes: Dict[str, bytes], deletes: List[str]) -> None:
+        for rel in deletes:
+            path = self._inside(rel)
+            if os.path.isdir(path) and not os.path.islink(path):
+                # Out of sight first (a hidden sibling, swept as debris if this dies), so
+                # nobody reads a half-deleted layer.
+                doomed = os.path.join(os.path.dirname(path),
+                                      f".{os.path.basename(path)}.partial-{os.getpid()}")
+                os.rename(path, doomed)
+                fdtree.remove_tree(doomed)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        for rel, data in writes.items():
+            path = self._inside(rel)
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path),
+                               f".{os.path.basename(path)}.tmp-{os.getpid()}")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)
+                os.rename(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
     def has(self, rel: str) -> bool:
         return os.path.isdir(self._path(rel))
@@ -114,7 +231,8 @@ class DirStore(Store):
         # (not those of a run still going on this machine).
         for old in os.listdir(parent):
             if old.startswith(f".{name}.partial-") and not _alive(old.rsplit("-", 1)[-1]):
-                shutil.rmtree(os.path.join(parent, old), ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    fdtree.remove_tree(os.path.join(parent, old))
         tmp = os.path.join(parent, f".{name}.partial-{os.getpid()}")
         os.mkdir(tmp, 0o755)
         return tmp
@@ -125,7 +243,8 @@ class DirStore(Store):
             os.rename(tmp, final)
         except OSError:
             if os.path.isdir(final):  # published meanwhile by another run: same content
-                shutil.rmtree(tmp, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    fdtree.remove_tree(tmp)
                 return
             raise
 
@@ -145,7 +264,8 @@ class DirStore(Store):
                     f.write(content)
             self._commit(tmp, final)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                fdtree.remove_tree(tmp)
             raise
 
     def scratch_tree(self, rel: str, workdir: Optional[str]) -> str:
@@ -188,8 +308,11 @@ class CvmfsStore(Store):
     def describe(self) -> str:
         return f"cvmfs:{self.repo}"
 
+    def view(self, rel: str) -> str:
+        return os.path.join(self.cvmfs_root, self.repo, rel)
+
     def has(self, rel: str) -> bool:
-        return os.path.isdir(os.path.join(self.cvmfs_root, self.repo, rel))
+        return os.path.isdir(self.view(rel))
 
     # ------------------------------------------------------------ one publisher at a time
 
@@ -200,7 +323,8 @@ class CvmfsStore(Store):
         return os.path.join(self.spool, TRANSACTION_OWNER)
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[None]:
+    def session(self, exclusive: bool = False) -> Iterator[None]:
+        # One cvmfs-thin at a time per repository, whether it publishes or collects.
         if shutil.which(self.cvmfs_server) is None:
             raise PublishError(
                 f"{self.cvmfs_server} not found: the cvmfs: store runs on a CVMFS publisher "
@@ -211,7 +335,7 @@ class CvmfsStore(Store):
                 f"create it with `cvmfs_server mkfs {self.repo}`, or run cvmfs-thin on the "
                 "repository's stratum 0")
         with open(os.path.join(self.spool, LOCK_FILE), "a+") as lock:
-            self._lock(lock)
+            take_lock(lock, True, self.wait, self.repo)
             try:
                 self._recover()
                 self._locked = True
@@ -219,32 +343,6 @@ class CvmfsStore(Store):
             finally:
                 self._locked = False
                 fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _lock(self, lock: IO[str]) -> None:
-        deadline = time.monotonic() + self.wait
-        said = False
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                lock.seek(0)
-                holder = lock.read().strip() or "unknown"
-                if time.monotonic() >= deadline:
-                    raise PublishError(
-                        f"another cvmfs-thin ({holder}) is publishing into {self.repo}: "
-                        "retry when it is done, or pass --wait SECONDS to wait for it"
-                    ) from None
-                if not said:
-                    progress(f"waiting up to {self.wait:.0f} s for another cvmfs-thin "
-                              f"({holder}) publishing into {self.repo}")
-                    said = True
-                time.sleep(0.5)
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()} on {os.uname().nodename} since "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        lock.flush()
 
     def _recover(self) -> None:
         """Under the lock: a transaction left open by a cvmfs-thin that died is aborted;
@@ -290,9 +388,12 @@ class CvmfsStore(Store):
         return cmd
 
     def _ingest(self, base_dir: str, feed: Callable[[IO[bytes]], None], catalog: bool) -> None:
+        self._run_ingest(self.ingest_command(base_dir, catalog), feed)
+
+    def _run_ingest(self, cmd: List[str], feed: Optional[Callable[[IO[bytes]], None]]) -> None:
+        """One `cvmfs_server ingest` (one transaction), bounded, never left open."""
         if not self._locked:
             raise RuntimeError("CvmfsStore: publish outside session()")
-        cmd = self.ingest_command(base_dir, catalog)
         shown = " ".join(cmd)
         # Whatever happens from here, a transaction left open is this run's to abort.
         with open(self._ours_file(), "w") as f:
@@ -321,7 +422,8 @@ class CvmfsStore(Store):
         timer.start()
         try:
             try:
-                feed(proc.stdin)
+                if feed is not None:
+                    feed(proc.stdin)
                 proc.stdin.close()
             except BrokenPipeError:
                 pass
@@ -369,6 +471,29 @@ class CvmfsStore(Store):
 
         self._ingest(rel, feed, True)
 
+    def commit(self, writes: Dict[str, bytes], deletes: List[str]) -> None:
+        """One ingest, so one transaction: `--delete` for each of `deletes`, and the files
+        `writes` (all in one directory) from a tar."""
+        cmd = [self.cvmfs_server, "ingest"]
+        for rel in deletes:
+            cmd += ["--delete", rel]
+        feed: Optional[Callable[[IO[bytes]], None]] = None
+        if writes:
+            bases = {os.path.dirname(rel) for rel in writes}
+            if len(bases) != 1:
+                raise ValueError(f"commit: files in several directories: {sorted(bases)}")
+            data = io.BytesIO()
+            with tarfile.open(fileobj=data, mode="w", format=tarfile.PAX_FORMAT) as tf:
+                for rel, content in sorted(writes.items()):
+                    ti = tarfile.TarInfo(os.path.basename(rel))
+                    ti.size, ti.mode, ti.mtime = len(content), 0o644, int(time.time())
+                    tf.addfile(ti, io.BytesIO(content))
+            cmd += ["--tar_file", "-", "--base_dir", bases.pop()]
+            feed = lambda out: _write_all(out, data.getvalue())  # noqa: E731
+        if not deletes and not writes:
+            return
+        self._run_ingest([*cmd, self.repo], feed)
+
     def publish_tree(self, rel: str, tree: str) -> None:
         def feed(out: IO[bytes]) -> None:
             archive.write_layer_tar(out, tree)  # a plain tar: the tree has no whiteouts
@@ -376,7 +501,39 @@ class CvmfsStore(Store):
         try:
             self._ingest(rel, feed, True)
         finally:
-            shutil.rmtree(tree, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                fdtree.remove_tree(tree)
+
+
+def take_lock(lock: IO[str], exclusive: bool, wait: float, what: str) -> None:
+    """flock `lock` (exclusively or shared), waiting up to `wait` seconds for whoever
+    holds it; refused then, naming the holder an exclusive taker wrote into it."""
+    deadline = time.monotonic() + wait
+    said = False
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    while True:
+        try:
+            fcntl.flock(lock, mode | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            if time.monotonic() >= deadline:
+                raise PublishError(
+                    f"another cvmfs-thin ({holder}) is publishing into {what}: retry when "
+                    "it is done, or pass --wait SECONDS to wait for it"
+                ) from None
+            if not said:
+                progress(f"waiting up to {wait:.0f} s for another cvmfs-thin ({holder}) "
+                         f"publishing into {what}")
+                said = True
+            time.sleep(0.5)
+    if exclusive:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {os.uname().nodename} since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -387,6 +544,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 def progress(message: str) -> None:
     """A line of what cvmfs-thin is doing, on stderr (stdout carries the results)."""
+    _progress.clear_active()
     print(f"cvmfs-thin: {message}", file=sys.stderr, flush=True)
 
 
@@ -413,7 +571,7 @@ def parse_store(spec: str, repo: Optional[str], cvmfs_root: str, wait: float = 0
         if not repo:
             raise PublishError("--repo is required with a dir: store (the repository name "
                                "nodes will see the store under, e.g. unpacked.example.org)")
-        return DirStore(value, repo)
+        return DirStore(value, repo, wait)
     if kind == "cvmfs" and value:
         if repo and repo != value:
             raise PublishError(f"--repo {repo} differs from the store's repository {value}")

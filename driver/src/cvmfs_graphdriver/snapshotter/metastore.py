@@ -264,6 +264,22 @@ class MetaStore:
             raise store_error(self.path, e) from e
 
 
+@contextlib.contextmanager
+def read_only(path: str, timeout: float = 10) -> Iterator[Transaction]:
+    """A read-only transaction on the database at `path` in a connection of its own, for
+    readers beside the daemon (`status`, the metrics thread): it never takes a
+    MetaStore's lock, so the daemon's requests do not wait for it, and SQLite's WAL lets
+    it see the last commit while the daemon writes. Raises sqlite3.Error as SQLite
+    does (a missing file too: it is opened read-only, never created)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout,
+                         isolation_level=None, check_same_thread=False)
+    try:
+        db.execute("BEGIN")
+        yield Transaction(db, writable=False)
+    finally:
+        db.close()  # nothing was written: closing ends the transaction
+
+
 class Transaction:
     """Operations inside one transaction (containerd's storage functions)."""
 

@@ -12,11 +12,12 @@ A committed snapshot can come from CVMFS in two ways:
   as usual and then recorded as the remote stack of its descriptor's layers.
 
 Either way the metadata holds {"type": "cvmfs", "layers": [{"repo", "path", "digest"},
-...]} (base first). Mounting a child puts the layers' directories
-where the snapshot's own fs would be, with the same whiteout masks between them as the
-graph driver's thin stacks (thinstack.build_masks, built once per snapshot in its
-directory): literal `.wh.*` files that `cvmfs_server ingest` keeps are hidden, and the
-deletions and opaque directories they stand for take effect.
+...]} (base first), and "lazy": true for a lazy pull (is_lazy tells the two apart).
+Mounting a child puts the layers' directories where the snapshot's own fs would be,
+with the same whiteout masks between them as the graph driver's thin stacks
+(thinstack.build_masks, built once per snapshot in its directory): literal `.wh.*` files
+that `cvmfs_server ingest` keeps are hidden, and the deletions and opaque directories
+they stand for take effect.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import re
 import threading
 from typing import Any, Collection, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from .. import thin, thinstack
+from .. import metrics, thin, thinstack
 from ..errors import DriverError
 from .errdefs import AlreadyExists, FailedPrecondition, InvalidArgument
 from .layout import SnapshotterLayout
-from .metastore import Lower
+from .metastore import KIND_ACTIVE, KIND_COMMITTED, Lower, read_only
 from .overlay import OverlaySnapshotter
 
 log = logging.getLogger(__name__)
@@ -143,9 +144,14 @@ class CvmfsLayers:
         return m.group(0) if m else None
 
     @staticmethod
-    def record(layers: List[thin.ThinLayer]) -> Dict[str, Any]:
-        return {"type": TYPE, "layers": [{"repo": la.repo, "path": la.path,
-                                          "digest": la.digest} for la in layers]}
+    def record(layers: List[thin.ThinLayer], lazy: bool = False) -> Dict[str, Any]:
+        """The remote record; `lazy`: a registry layer served from CVMFS (a lazy pull),
+        not a thin image's layer (for the metrics' layer counts)."""
+        out: Dict[str, Any] = {"type": TYPE, "layers": [
+            {"repo": la.repo, "path": la.path, "digest": la.digest} for la in layers]}
+        if lazy:
+            out["lazy"] = True
+        return out
 
     # ------------------------------------------------------------------ hooks
 
@@ -155,25 +161,31 @@ class CvmfsLayers:
         containerd names and answer AlreadyExists, if the layer is published."""
         hexdigest = layer_digest(labels)
         ref = labels.get(TARGET_REF_LABEL)
-        if hexdigest is None or not ref or not self.repositories:
+        if hexdigest is None or not ref:
+            return
+        if not self.repositories:
+            metrics.lazy_layers.inc(1, metrics.LAZY_DOWNLOADED)
             return
         found = self.find(hexdigest)
         if found is None:
             log.info("layer sha256:%s is not in %s: containerd downloads it", hexdigest,
                      ", ".join(self.repositories))
+            metrics.lazy_layers.inc(1, metrics.LAZY_DOWNLOADED)
             return
         layer, real_dir = found
         if not self.is_the_layer(sn, layer, real_dir, ref, parent):
+            metrics.lazy_layers.inc(1, metrics.LAZY_DOWNLOADED)
             return
         # One remote snapshot per chain and parent: containerd finds it by its labels and
         # parent, and another namespace may pull the same chain on another parent.
         name = ref if not parent else \
             f"{ref}@{hashlib.sha256(parent.encode()).hexdigest()[:16]}"
         try:
-            sn.commit_remote(name, parent, self.record([layer]), labels)
+            sn.commit_remote(name, parent, self.record([layer], lazy=True), labels)
             log.info("layer sha256:%s: remote snapshot %s from %s", hexdigest, name, layer.url)
         except AlreadyExists:
             pass  # pulled before, the same layer on the same parent: the same answer
+        metrics.lazy_layers.inc(1, metrics.LAZY_SERVED)
         raise AlreadyExists(f"target snapshot {ref!r}")
 
     def commit_hook(self, fs_dir: str) -> Optional[Dict[str, Any]]:
@@ -198,6 +210,7 @@ class CvmfsLayers:
                 thin.parse_layer(e, i, frozenset(self.repositories))
                 for i, e in enumerate(entries)))
         except thin.DescriptorError as e:
+            metrics.descriptor_errors.inc()
             raise FailedPrecondition(str(e)) from None
 
     def lower_dirs(self, layout: SnapshotterLayout, lower: Lower,
@@ -205,15 +218,19 @@ class CvmfsLayers:
         """The directories a remote snapshot stands for in a child's lowerdir, top first:
         its CVMFS layers (resolved inside their repositories) with the masks between."""
         assert lower.remote is not None
-        desc = self.descriptor(lower.remote)
         try:
-            real = [thin.resolve_layer_dir(self.cvmfs_root, la) for la in desc.layers]
-        except DriverError as e:
-            raise FailedPrecondition(str(e)) from None
-        masks_dir = layout.masks(lower.id)
-        with self._locked(lower.id):
-            masks = thinstack.build_masks(desc, real, masks_dir, layout.masks_index(lower.id),
-                                          self.markers)
+            desc = self.descriptor(lower.remote)
+            try:
+                real = [thin.resolve_layer_dir(self.cvmfs_root, la) for la in desc.layers]
+            except DriverError as e:
+                raise FailedPrecondition(str(e)) from None
+            masks_dir = layout.masks(lower.id)
+            with self._locked(lower.id):
+                masks = thinstack.build_masks(desc, real, masks_dir,
+                                              layout.masks_index(lower.id), self.markers)
+        except BaseException:
+            metrics.mount_errors.inc()  # the snapshot cannot be mounted
+            raise
         return [self._short_link(layout, d)
                 for _, d in thinstack.stack_dirs(real, masks, masks_dir, has_parent)]
 
@@ -256,6 +273,7 @@ def remote_of(thin_dir: str, repositories: Collection[str]) -> Optional[List[thi
     try:
         desc = thin.descriptor_in(thin_dir, repositories)
     except thin.DescriptorError as e:
+        metrics.descriptor_errors.inc()
         raise InvalidArgument(f"thin image layer cannot be used: {e}") from None
     return list(desc.layers) if desc is not None else None
 
@@ -270,3 +288,53 @@ def install(sn: OverlaySnapshotter, cvmfs_root: str, repositories: Collection[st
     log.info("remote layers from %s under %s", ", ".join(cv.repositories) or "no repository",
              cvmfs_root)
     return cv
+
+
+def is_lazy(record: object, fs_dir: str) -> bool:
+    """Whether a remote snapshot is a lazy pull (a registry layer served from CVMFS, never
+    downloaded) rather than a thin image's layer (its thin.json downloaded, committed and
+    recorded): the one rule, for the metrics and for `status`. The record's "lazy" key
+    says so (CvmfsLayers.record); a record without it (a thin layer's, or a lazy pull's
+    from before the key) is lazy when the snapshot has no files of its own (`fs_dir`, its
+    fs/): a lazy pull is committed without any, a thin layer's fs/ holds thin.json."""
+    lazy = record.get("lazy") if isinstance(record, dict) else None
+    if isinstance(lazy, bool):
+        return lazy
+    return not os.path.isdir(fs_dir)
+
+
+def metric_samples(sn: OverlaySnapshotter, cv: CvmfsLayers) -> metrics.Samples:
+    """The snapshotter's gauges (metrics.Exporter's collect, in the metrics thread; read
+    in a read-only connection of its own, metastore.read_only):
+    committed snapshots by kind (regular: unpacked here; thin; lazy), active snapshots,
+    and how many of them stand on each repository's layers."""
+    kinds = {"regular": 0.0, "thin": 0.0, "lazy": 0.0}
+    active = 0.0
+    per_repo: Dict[metrics.LabelValues, float] = {(r,): 0.0 for r in cv.repositories}
+    # A connection of its own: the MetaStore's transaction() would hold the lock every
+    # gRPC request waits on for the whole walk, every interval and every GET /metrics.
+    with read_only(sn.ms.path) as tx:
+        ids = {key: sid for sid, key in tx.id_map().items()}
+        for info in tx.walk():
+            if info.kind == KIND_COMMITTED:
+                rec = tx.get_remote(info.name)
+                if rec is None:
+                    kinds["regular"] += 1
+                elif is_lazy(rec, sn.layout.fs(ids[info.name])):
+                    kinds["lazy"] += 1
+                else:
+                    kinds["thin"] += 1
+            elif info.kind == KIND_ACTIVE:
+                active += 1
+                repos = set()
+                for low in tx.get_snapshot(info.name).parents:
+                    for la in (low.remote or {}).get("layers") or ():
+                        if isinstance(la, dict) and isinstance(la.get("repo"), str):
+                            repos.add(la["repo"])
+                for repo in repos:
+                    per_repo[(repo,)] = per_repo.get((repo,), 0.0) + 1
+    return {
+        metrics.LAYERS.name: {(k,): v for k, v in kinds.items()},
+        metrics.MOUNTED_LAYERS.name: {(): active},
+        metrics.REPOSITORY_MOUNTS.name: per_repo,
+    }

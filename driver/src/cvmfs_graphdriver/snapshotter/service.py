@@ -33,7 +33,7 @@ import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from ..errors import DriverError
-from ..server import activated_socket, sd_notify
+from ..sockets import activated_socket, sd_notify
 from .api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from .errdefs import SnapshotterError
 from .metastore import Info
@@ -183,7 +183,7 @@ def _answers(path: str) -> bool:
 
 def claim_socket_path(path: str) -> None:
     """Make `path` free for our socket: refuse a non-socket or a socket someone serves;
-    remove a stale socket of a previous run (the checks of server.bind_socket)."""
+    remove a stale socket of a previous run (the checks of sockets.bind_socket)."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     try:
         st = os.lstat(path)
