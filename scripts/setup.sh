@@ -31,7 +31,7 @@ if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q --disable-pip-version-check -e 'driver[test,bench]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e 'driver[test,bench,publisher]'
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-ansible.txt
 
 # CernVM-FS: a real client and stratum 0 for the thin-image and lazy-pull tests, from

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Tests of the provisioning side: the collection's unit tests, yamllint, ansible-lint
 # (production profile), the collection build, and `molecule test` of the default
-# (graph-driver plugin, Debian 12), snapshotter (containerd store, Debian 13) and fleet
-# (a stratum 0 and two workers with the real CVMFS client) scenarios on a private dockerd
-# (scripts/molecule-dockerd.sh, started here and stopped afterwards
+# (graph-driver plugin, Debian 12), snapshotter (containerd store, Debian 13), fleet
+# (a stratum 0 and two workers with the real CVMFS client) and upgrade (the previous
+# release, v0.1.0 from molecule/upgrade/releases/, then this checkout) scenarios on a
+# private dockerd (scripts/molecule-dockerd.sh, started here and stopped afterwards
 # when this script started it). Needs root. scripts/test.sh runs it after the driver
 # tests; run it alone after scripts/setup.sh for the Ansible side only.
 set -euo pipefail
@@ -43,10 +44,11 @@ listing=$(tar -tzf "$out"/cvmfs_graphdriver-provisioning-*.tar.gz)
 for f in plugins/modules/docker_daemon_json.py plugins/modules/containerd_proxy_plugin.py \
     roles/overlay/tasks/main.yml \
     roles/cvmfs_client/tasks/main.yml roles/docker_engine/tasks/main.yml \
-    roles/graphdriver/tasks/main.yml roles/graphdriver/meta/argument_specs.yml; do
+    roles/graphdriver/tasks/main.yml roles/graphdriver/meta/argument_specs.yml \
+    roles/publisher/tasks/main.yml roles/publisher/meta/argument_specs.yml; do
   grep -qx "$f" <<<"$listing" || { echo "collection artifact lacks $f" >&2; exit 1; }
 done
-echo "built $(basename "$out"/*.tar.gz) with the modules and the four roles"
+echo "built $(basename "$out"/*.tar.gz) with the modules and the five roles"
 rm -rf "$out"
 done_stage
 
@@ -85,6 +87,12 @@ export FLEET_CVMFS_SOURCE
 start=$(date +%s)
 molecule test -s fleet
 echo "molecule test -s fleet took $(( $(date +%s) - start )) s"
+done_stage
+
+stage "molecule test (upgrade scenario: the previous release v0.1.0, then this checkout, on a node with running containers)"
+start=$(date +%s)
+molecule test -s upgrade
+echo "molecule test -s upgrade took $(( $(date +%s) - start )) s"
 done_stage
 
 echo
