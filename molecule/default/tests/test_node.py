@@ -178,6 +178,129 @@ def test_repository_as_a_volume(host, busybox):
         cmd.stderr
     run_ok(host, "docker", "volume", "rm", "thin.example.org")
 
+
+# ----------------------------------------------- metrics (graphdriver_metrics_*)
+
+TEXTFILE = "/var/lib/prometheus/node-exporter/cvmfs_graphdriver.prom"
+METRICS_SOCKET = "/run/cvmfs-graphdriver/metrics.sock"
+GET_METRICS = (
+    "import socket; s = socket.socket(socket.AF_UNIX); s.connect('" + METRICS_SOCKET + "'); "
+    "s.sendall(b'GET /metrics HTTP/1.0\\r\\n\\r\\n'); import sys; "
+    "sys.stdout.write(b''.join(iter(lambda: s.recv(65536), b'')).decode())")
+
+
+def _samples(text: str) -> dict:
+    """{(name, frozenset(labels)): value}, as Prometheus' own parser reads the text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def _sample(samples: dict, name: str, **labels: str) -> float:
+    want = frozenset({"face": "graphdriver", **labels}.items())
+    assert (name, want) in samples, (name, labels, sorted(samples))
+    return samples[(name, want)]
+
+
+def test_metrics_for_node_exporter_and_on_the_root_only_socket(host, busybox):
+    """graphdriver_metrics_textfile_dir and _socket: the driver writes its metrics where
+    node_exporter's textfile collector reads them, readable by node_exporter's user, and
+    root gets the same over the socket; the counts follow what the node did."""
+    f = host.file(TEXTFILE)
+    assert f.is_file and f.user == "root" and f.mode == 0o644
+    assert host.file(os.path.dirname(TEXTFILE)).mode == 0o755
+    config = host.file("/etc/cvmfs-graphdriver/config.ini").content_string
+    assert "metrics_textfile_dir = /var/lib/prometheus/node-exporter\n" in config
+    # a layer pulled now shows in the next file (written every 2 s)
+    before = _samples(f.content_string)
+    run_ok(host, "sh", "-c", "echo metrics > /tmp/m.txt && tar -C /tmp -c m.txt | "
+           "docker import - metrics:molecule")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            now = _samples(host.file(TEXTFILE).content_string)
+            grew = (_sample(now, "cvmfs_graphdriver_applydiff_total")
+                    - _sample(before, "cvmfs_graphdriver_applydiff_total"))
+            if grew >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert grew == 1, "the import's ApplyDiff is not counted"
+        assert _sample(now, "cvmfs_graphdriver_applydiff_bytes_total") >= len("metrics\n")
+        assert _sample(now, "cvmfs_graphdriver_layers", kind="regular") >= 2
+        assert _sample(now, "cvmfs_graphdriver_repository_available",
+                       repository="thin.example.org") == 1
+    finally:
+        run_ok(host, "docker", "rmi", "metrics:molecule")
+    sock = host.file(METRICS_SOCKET)
+    assert sock.is_socket and sock.user == "root" and sock.mode == 0o600
+    reply = run_ok(host, "python3", "-c", GET_METRICS)
+    head, _, body = reply.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.0 200") and "text/plain; version=0.0.4" in head, head
+    assert _sample(_samples(body), "cvmfs_graphdriver_applydiff_total") >= 1
+
+
+# ----------------------------------------------- the operator's commands
+
+CLI = "/opt/cvmfs-graphdriver/bin/cvmfs-graphdriver"
+
+
+def test_check_passes_on_the_converged_node(host):
+    """`cvmfs-graphdriver check`, as an operator runs it: every check passes (the
+    repository's tree stands in for the client, the thin image's layers are read)."""
+    doc = json.loads(run_ok(host, CLI, "check", "--json"))
+    assert doc["ok"] is True and doc["failed"] == [] and doc["mode"] == "plugin", doc
+    checks = {c["name"]: c for c in doc["checks"]}
+    for name in ("config", "plugin socket", "home", "overlay", "free space", "layers",
+                 "engine", "engine config", "repository thin.example.org"):
+        assert checks[name]["status"] == "ok", checks[name]
+    assert checks["home"]["detail"].startswith("/var/lib/docker/cvmfs ")
+    assert "storage driver cvmfs (graph-driver plugin)" in checks["engine"]["detail"]
+    assert "plugin mode: all checks passed" in run_ok(host, CLI, "check")
+
+
+def test_status_json_parses_and_counts_the_thin_image(host, busybox):
+    doc = json.loads(run_ok(host, CLI, "status", "--json"))
+    assert doc["mode"] == "plugin" and doc["home"] == "/var/lib/docker/cvmfs"
+    assert doc["layers"]["regular"] >= 1 and doc["layers"]["thin"] >= 1, doc
+    assert doc["repositories"]["thin.example.org"]["thin"] >= 1
+    assert doc["disk"]["used_bytes"] > 0 and doc["disk"]["free_bytes"] > 0
+    assert "thin.example.org" in run_ok(host, CLI, "status")
+
+
+@pytest.fixture
+def verify_play(pytestconfig):
+    """playbooks/verify.yml against the node, as the README runs it."""
+    project = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 3))
+    inventory = pytestconfig.getoption("ansible_inventory")
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=os.path.join(project, "roles"),
+               ANSIBLE_COLLECTIONS_PATH=os.path.join(project, "collections"),
+               ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0")
+    ansible_playbook = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
+
+    def play(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([ansible_playbook, "-i", inventory,
+                               os.path.join(project, "playbooks", "verify.yml"),
+                               "-e", "verify_pull=false", "-e", f"verify_image={BUSYBOX}",
+                               *args], env=env, capture_output=True, text=True, timeout=600)
+    return play
+
+
+def test_verify_playbook_runs_the_preflight(verify_play, busybox):
+    result = verify_play()
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "cvmfs-graphdriver check: " in out and " failed=0 " in out, out
+
+
+def test_verify_playbook_fails_with_the_failing_checks_and_their_fixes(verify_play, busybox):
+    result = verify_play("-e", "verify_storage_driver=overlay2")
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert "Fail with the failing checks and their fixes" in out, out
+    assert "engine; Docker " in out and "not 'overlay2' as a graph-driver plugin" in out, out
+    assert "fix: run site.yml" in out, out
+
 # ----------------------------------------------- docker_engine: version handling
 
 ROLE_PLAY = """\

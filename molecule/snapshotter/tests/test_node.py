@@ -116,3 +116,31 @@ def test_restarting_the_snapshotter_leaves_a_running_container_running(host, sam
                       "echo", "new") == "new\n"
     finally:
         run_ok(host, "docker", "rm", "-f", cid)
+
+
+CLI = "/opt/cvmfs-graphdriver/bin/cvmfs-graphdriver"
+
+
+def test_check_passes_in_snapshotter_mode(host):
+    """`cvmfs-graphdriver check` on the converged node: the configuration's [snapshotter]
+    section makes it expect the snapshotter face, and everything passes."""
+    doc = json.loads(run_ok(host, CLI, "check", "--json"))
+    assert doc["ok"] is True and doc["failed"] == [] and doc["mode"] == "snapshotter", doc
+    checks = {c["name"]: c for c in doc["checks"]}
+    for name in ("config", "plugin socket", "snapshotter socket", "home", "overlay",
+                 "free space", "layers", "engine", "engine config",
+                 "repository lazy.example.org"):
+        assert checks[name]["status"] == "ok", checks[name]
+    assert "VolumeDriver" in checks["plugin socket"]["detail"]
+    assert "storage driver cvmfs (containerd snapshotter)" in checks["engine"]["detail"]
+    assert "snapshotter mode: all checks passed" in run_ok(host, CLI, "check")
+
+
+def test_status_counts_lazily_pulled_and_thin_layers(host, sample):
+    """The tests above pulled the published image lazily and loaded a thin image."""
+    doc = json.loads(run_ok(host, CLI, "status", "--json"))
+    assert doc["mode"] == "snapshotter"
+    assert doc["home"] == "/var/lib/cvmfs-graphdriver/snapshotter"
+    assert doc["layers"]["lazy"] >= 2 and doc["layers"]["thin"] >= 1, doc
+    assert doc["repositories"]["lazy.example.org"]["lazy"] >= 2, doc
+    assert "lazy.example.org" in run_ok(host, CLI, "status")
