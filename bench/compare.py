@@ -61,7 +61,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
@@ -486,6 +486,9 @@ class Suite:
     rss_mb: List[float] = field(default_factory=list)
     thin_tags: Dict[int, str] = field(default_factory=dict)
     image_bytes: Dict[str, int] = field(default_factory=dict)
+    # Per timed operation on the cvmfs daemon: [layers, unpack, measure, flush] seconds,
+    # from the driver's log lines written during the operation.
+    splits: Dict[str, List[List[float]]] = field(default_factory=dict)
 
     def record(self, name: str, which: str, value: float) -> None:
         self.raw.setdefault(name, {}).setdefault(which, []).append(value)
@@ -493,6 +496,7 @@ class Suite:
     def timed(self, name: str, which: str, fn: Callable[[], object]) -> Optional[float]:
         """Time fn and record it under name/which; a failure is recorded as an error."""
         settle()
+        log_at = os.path.getsize(self.driver.log_path) if which == "cvmfs" else 0
         t0 = time.perf_counter()
         try:
             fn()
@@ -501,6 +505,12 @@ class Suite:
             return None
         dt = time.perf_counter() - t0
         self.record(name, which, dt)
+        if which == "cvmfs":
+            with open(self.driver.log_path, errors="replace") as f:
+                f.seek(log_at)
+                layers, totals = split_lines(f)
+            if layers:
+                self.splits.setdefault(name, []).append([layers, *totals])
         return dt
 
     def error(self, op: str, which: str, e: object) -> None:
@@ -822,6 +832,7 @@ def report(s: Suite, doc: Dict) -> Dict:
         "thin": thin_doc(s),
         "scaling": scaling_doc(s),
         "apply_split": apply_split(s.driver.log_path),
+        "apply_split_by_op": split_by_op(s, figs),
     })
     doc["ratios"]["peak_rss_mb"] = doc["peak_rss_mb"]
     return doc
@@ -831,22 +842,47 @@ _APPLIED = re.compile(r"applied \d+ entries .*: ([0-9.]+) s to unpack, ([0-9.]+)
                       r"measure, ([0-9.]+) s to flush")
 
 
-def apply_split(log_path: str) -> Dict[str, float]:
-    """Where the driver's ApplyDiff time went over the whole suite, from its log: reading
-    and unpacking the tar, measuring the layer, flushing it to disk."""
+def split_lines(lines: Iterable[str]) -> Tuple[int, List[float]]:
+    """The layers applied in these driver log lines, and their seconds spent reading and
+    unpacking the tar, measuring the layer, flushing it to disk."""
     totals = [0.0, 0.0, 0.0]
     layers = 0
+    for line in lines:
+        m = _APPLIED.search(line)
+        if m:
+            layers += 1
+            for i in range(3):
+                totals[i] += float(m.group(i + 1))
+    return layers, totals
+
+
+def apply_split(log_path: str) -> Dict[str, float]:
+    """Where the driver's ApplyDiff time went over the whole suite, from its log."""
     with open(log_path, errors="replace") as f:
-        for line in f:
-            m = _APPLIED.search(line)
-            if m:
-                layers += 1
-                for i in range(3):
-                    totals[i] += float(m.group(i + 1))
+        layers, totals = split_lines(f)
     whole = sum(totals) or 1.0
     return {"layers": layers, "unpack_s": round(totals[0], 2),
             "measure_s": round(totals[1], 2), "flush_s": round(totals[2], 2),
             "flush_share": round(totals[2] / whole, 3)}
+
+
+def split_by_op(s: Suite, figs: Dict[str, Dict]) -> Dict[str, Dict]:
+    """For each timed operation that applied layers on the cvmfs daemon: medians of its
+    layers and of the seconds spent unpacking, measuring and flushing, and the ratio the
+    operation would have without the flush (cvmfs median minus the flush median, over
+    overlay2's median), which shows what durability costs against what unpacking does."""
+    out: Dict[str, Dict] = {}
+    for name, rows in s.splits.items():
+        layers, unpack, measure, flush = (statistics.median(c) for c in zip(*rows))
+        f = figs.get(name, {})
+        ours, ref = f.get("cvmfs"), f.get("overlay2")
+        out[name] = {
+            "n": len(rows), "layers": layers, "unpack_s": round(unpack, 3),
+            "measure_s": round(measure, 3), "flush_s": round(flush, 3),
+            "ratio_without_flush": (round((ours["median"] - flush) / ref["median"], 3)
+                                    if ours and ref and ref["median"] else None),
+        }
+    return out
 
 
 def fmt(st: Optional[Dict]) -> str:
@@ -894,6 +930,7 @@ def markdown(doc: Dict) -> str:
         "is reported ({pct:.0f} % of it; overlay2 does not flush). Each timed operation "
         "starts after a `sync`, so neither driver pays for what the other left unwritten."
         .format(pct=100 * doc["apply_split"]["flush_share"], **doc["apply_split"]), "",
+        *split_table(doc), "",
         f"## Thin images ({t['image_mb']} MB image, `dir:` layer store)", "",
         "| | regular pull | thin | thin / regular |", "| --- | --- | --- | ---: |",
         f"| pull + first run | {fmt(pr['regular'])} | {fmt(pr['thin'])} | {pr['ratio']} |",
@@ -913,6 +950,24 @@ def markdown(doc: Dict) -> str:
     lines += ["", f"Errors: {len(doc['errors'])}."]
     lines += [f"- {e['op']} ({e['driver']}): {e['error'][:300]}" for e in doc["errors"]]
     return "\n".join(lines) + "\n"
+
+
+def split_table(doc: Dict) -> List[str]:
+    rows = doc.get("apply_split_by_op") or {}
+    if not rows:
+        return []
+    lines = ["Per operation (medians; the ratio without the flush takes the flush median "
+             "off the cvmfs median):", "",
+             "| operation | layers | unpack | measure | flush | ratio | ratio without flush |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in rows.items():
+        ratio_ = doc["figures"].get(name, {}).get("ratio")
+        lines.append(f"| {name} | {r['layers']:g} | {r['unpack_s']:.3g} s | "
+                     f"{r['measure_s']:.3g} s | {r['flush_s']:.3g} s | "
+                     f"{'–' if ratio_ is None else f'{ratio_:.2f}'} | "
+                     f"{'–' if r['ratio_without_flush'] is None else r['ratio_without_flush']}"
+                     " |")
+    return lines
 
 
 def plots(doc: Dict, prefix: str, out: str) -> List[str]:

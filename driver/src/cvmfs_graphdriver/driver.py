@@ -380,8 +380,8 @@ class Driver:
             if mounts.is_mountpoint(merged):
                 mounts.unmount(merged)
             with self._refs_lock:
-                self._refs.pop(layer_id, None)
-                self._save_state()
+                if self._refs.pop(layer_id, None) is not None:
+                    self._save_state()  # else the recorded counts are unchanged
             self._remove_layer_dir(layer_id)
 
     def _remove_layer_dir(self, layer_id: LayerId) -> None:
