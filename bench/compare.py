@@ -7,8 +7,11 @@
 
 Starts its own daemons (a dockerd on overlay2; the driver daemon, at --log-level info, and
 a dockerd on it; a docker-registry), builds its workloads locally and offline (cached in
-/var/tmp/cgd-bench-cache, keyed by their parameters), and measures on both dockerds, the
-order of the two drivers alternating round by round:
+/var/tmp/cgd-bench-cache, keyed by their parameters), and measures on both dockerds,
+operation by operation in turn (each operation on one driver, then at once on the other;
+which goes first alternates round by round), so a slow spell of the machine weighs on
+both alike. Besides the ratio of the medians, each round's two figures give a paired
+ratio; the table gives their median and spread, and in how many rounds the target held:
 
   import            `docker import` of one layer (full: 150 MB, 3000 files)
   load, pull        `docker load` of a ~600 MB "Debian with Python" image of 14 layers
@@ -482,6 +485,10 @@ class Suite:
     reg: Registry
     store: str
     raw: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
+    # The same values by round (name -> driver -> round -> seconds), to pair the drivers'
+    # figures of one round: they ran one after the other, within seconds.
+    by_round: Dict[str, Dict[str, Dict[int, float]]] = field(default_factory=dict)
+    round: int = -1  # the round being run (-1: outside the rounds)
     errors: List[Dict] = field(default_factory=list)
     rss_mb: List[float] = field(default_factory=list)
     thin_tags: Dict[int, str] = field(default_factory=dict)
@@ -492,6 +499,8 @@ class Suite:
 
     def record(self, name: str, which: str, value: float) -> None:
         self.raw.setdefault(name, {}).setdefault(which, []).append(value)
+        if self.round >= 0:
+            self.by_round.setdefault(name, {}).setdefault(which, {})[self.round] = value
 
     def timed(self, name: str, which: str, fn: Callable[[], object]) -> Optional[float]:
         """Time fn and record it under name/which; a failure is recorded as an error."""
@@ -616,28 +625,44 @@ def dockerfile_dir(s: Suite) -> str:
     return d
 
 
-def container_ops(s: Suite, which: str, r: int) -> None:
+# The operations of one round on one daemon, as generators that yield after each
+# measurement: rounds() steps the two drivers' generators in turn, so each operation is
+# measured on both within seconds, and a slow spell of the machine (a shared host's
+# disk, say) weighs on both alike instead of on one driver's half of the round.
+Steps = Iterator[None]
+
+
+def container_ops(s: Suite, which: str, r: int) -> Steps:
     """import, diff, commit, rm, build, rmi."""
     d, run = s.daemons[which], ["--network", "none"]
     imp, cname, committed, built = f"imp:{r}", f"c{r}", f"committed:{r}", f"built:{r}"
     s.timed("import", which, lambda: d.docker("import", s.w.import_tar, imp, timeout=900))
+    yield
     s.quietly(which, "run", "--name", cname, *run, imp, "sh", "-c",
               "dd if=/dev/zero of=/data/new bs=1M count=20 2>/dev/null; rm -rf /data/d01")
     s.timed("diff", which, lambda: d.docker("diff", cname))
+    yield
     s.timed("commit", which, lambda: d.docker("commit", cname, committed))
+    yield
     s.timed("rm", which, lambda: d.docker("rm", cname))
+    yield
     s.timed("build", which, lambda: d.docker("build", "-q", "--no-cache", *run, "-t", built,
                                              dockerfile_dir(s), timeout=900))
+    yield
     s.timed("rmi", which, lambda: d.docker("rmi", imp, committed, built))
+    yield
 
 
-def multi_layer_ops(s: Suite, which: str) -> None:
+def multi_layer_ops(s: Suite, which: str) -> Steps:
     """load, rmi_multi, pull, warm_start, concurrent_start."""
     d = s.daemons[which]
     remote = f"{s.reg.address}/bench/multi:1"
     s.timed("load", which, lambda: d.docker("load", "-i", s.w.multi_tar, timeout=900))
+    yield
     s.timed("rmi_multi", which, lambda: d.docker("rmi", "multi:bench"))
+    yield
     s.timed("pull", which, lambda: d.docker("pull", remote, timeout=900))
+    yield
     true = ["run", "--rm", "--network", "none", remote, "true"]
     s.quietly(which, *true)  # the first start makes what later ones find
     warm: List[float] = []
@@ -650,32 +675,52 @@ def multi_layer_ops(s: Suite, which: str) -> None:
             s.error("warm_start", which, e)
     if warm:
         s.record("warm_start", which, statistics.median(warm))
+    yield
     concurrent(s, "concurrent_start", which,
                [["docker", "-H", d.host, *true] for _ in range(s.p.concurrent_starts)])
+    yield
     s.quietly(which, "rmi", remote)
 
 
-def deep_and_pull_ops(s: Suite, which: str) -> None:
+def deep_and_pull_ops(s: Suite, which: str) -> Steps:
     """deep_load, deep_start, concurrent_pull."""
     d = s.daemons[which]
     s.timed("deep_load", which, lambda: d.docker("load", "-i", s.w.deep_tar, timeout=900))
+    yield
     s.timed("deep_start", which,
             lambda: d.docker("run", "--rm", "--network", "none", "deep:bench", "true"))
+    yield
     s.quietly(which, "rmi", "deep:bench")
     names = [f"{s.reg.address}/bench/cp{i}:1" for i in range(s.p.concurrent_pulls)]
     concurrent(s, "concurrent_pull", which, [["docker", "-H", d.host, "pull", n] for n in names])
+    yield
     s.quietly(which, "rmi", *names)
+
+
+def round_ops(s: Suite, which: str, r: int) -> Steps:
+    yield from container_ops(s, which, r)
+    yield from multi_layer_ops(s, which)
+    yield from deep_and_pull_ops(s, which)
+
+
+def in_turn(steps: List[Steps]) -> None:
+    """One step of each in turn, until all are done."""
+    live = list(steps)
+    while live:
+        for g in list(live):
+            if next(g, StopIteration) is StopIteration:
+                live.remove(g)
 
 
 def rounds(s: Suite) -> None:
     for r in range(s.p.rounds):
         order = DRIVERS if r % 2 == 0 else DRIVERS[::-1]
-        for which in order:
-            t0 = time.monotonic()
-            container_ops(s, which, r)
-            multi_layer_ops(s, which)
-            deep_and_pull_ops(s, which)
-            log(f"round {r + 1}/{s.p.rounds} {which}: {time.monotonic() - t0:.0f} s")
+        t0 = time.monotonic()
+        s.round = r
+        in_turn([round_ops(s, which, r) for which in order])
+        s.round = -1
+        log(f"round {r + 1}/{s.p.rounds} ({' first, '.join(order)} second): "
+            f"{time.monotonic() - t0:.0f} s")
         s.rss_mb.append(round(proc_status_mb(s.driver.proc.pid, "VmRSS"), 1))
 
 
@@ -766,8 +811,22 @@ def figures(s: Suite) -> Dict[str, Dict]:
         for which in DRIVERS:
             f[which] = stats(by[which]) if by.get(which) else None
         f["ratio"] = ratio(f["overlay2"], f["cvmfs"])
+        f["paired"] = paired(s.by_round.get(name, {}), TARGETS.get(name))
         out[name] = f
     return out
+
+
+def paired(by: Dict[str, Dict[int, float]], target: Optional[float]) -> Optional[Dict]:
+    """cvmfs / overlay2 of each round that measured both (the two ran back to back): their
+    median, min and max, and in how many rounds the target held."""
+    ours, ref = by.get("cvmfs", {}), by.get("overlay2", {})
+    values = [ours[r] / ref[r] for r in sorted(set(ours) & set(ref)) if ref[r]]
+    if not values:
+        return None
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3),
+            "max": round(max(values), 3), "n": len(values),
+            "within_target": None if target is None else sum(v <= target for v in values),
+            "values": [round(v, 3) for v in values]}
 
 
 def scaling_doc(s: Suite) -> Dict:
@@ -900,24 +959,30 @@ def markdown(doc: Dict) -> str:
         f"/var/lib on {m['var_lib_fs']}, load {m['load_before']} before, "
         f"{m.get('load_after', '?')} after. {v['dockerd']}; Python {v['python']}; "
         f"driver {v['driver_commit']}{' (tree dirty)' if v['tree_dirty'] else ''}.", "",
-        f"Medians of {p['rounds']} rounds (min–max, IQR); the two drivers alternate, and "
-        "which goes first alternates round by round. ratio = cvmfs / overlay2 (lower is "
-        "better). Workloads: one layer of "
+        f"Medians of {p['rounds']} rounds (min–max, IQR). Each operation runs on one "
+        "driver, then at once on the other; which goes first alternates round by round. "
+        "ratio = cvmfs / overlay2 of the medians (lower is better); paired ratio: of each "
+        "round's two figures, their median (min–max) over the rounds. Workloads: one layer of "
         f"{p['import_mb']} MB / {p['import_files']} files; a {p['multi_mb']} MB image of "
         f"{doc['multi_layers']} layers (Debian 12 files); a {p['deep_layers']}-layer image; "
         f"{p['concurrent_starts']} starts and {p['concurrent_pulls']} pulls "
         f"({p['concurrent_pull_mb']} MB each) at once; build: {p['build_small']} small files "
         f"+ {p['build_big']} x {p['build_big_mb']} MB.", "",
-        "| operation | overlay2 | cvmfs | ratio | target | met |",
-        "| --- | --- | --- | ---: | ---: | --- |",
+        "| operation | overlay2 | cvmfs | ratio | target | met | paired ratio (min–max) | "
+        "rounds within target |",
+        "| --- | --- | --- | ---: | ---: | --- | --- | ---: |",
     ]
     for name, f in doc["figures"].items():
         target = TARGETS.get(name)
         met = "" if target is None or f["ratio"] is None else (
             "yes" if f["ratio"] <= target else "no")
         r = "–" if f["ratio"] is None else f"{f['ratio']:.2f}"
+        pr = f.get("paired")
+        pcell = "–" if not pr else f"{pr['median']:.2f} ({pr['min']:.2f}–{pr['max']:.2f})"
+        within = "" if not pr or pr["within_target"] is None else \
+            f"{pr['within_target']}/{pr['n']}"
         lines.append(f"| {name}: {f['what']} | {fmt(f['overlay2'])} | {fmt(f['cvmfs'])} | "
-                     f"{r} | {target or ''} | {met} |")
+                     f"{r} | {target or ''} | {met} | {pcell} | {within} |")
     t = doc["thin"]
     pr, sizes = t["pull_first_run"], t["image_bytes_on_node"]
     regular_b, thin_b = (sizes.get(f"{k} {t['image_mb']} MB") for k in ("regular", "thin"))

@@ -330,18 +330,7 @@ def test_a_layer_being_published_is_not_removed(store, capsys):
     """A publisher holds the store's session from its first layer to its record: gc
     (which needs the store alone) is refused meanwhile and deletes nothing."""
     run("forget", "reg/c:1", f"dir:{store.root}", capsys=capsys)
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time\n"
-         "from cvmfs_graphdriver.publish.stores import DirStore\n"
-         f"cm = DirStore({store.root!r}, 'r').session()\n"
-         "cm.__enter__()\n"
-         "print('held', flush=True)\n"
-         "sys.stdin.read()\n"],
-        env={**os.environ, "PYTHONPATH": SRC}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with held(store):
         before = tree(store.root)
         t0 = time.monotonic()
         rc, _, err = run("gc", f"dir:{store.root}", "--min-age", "0", "--delete", "--wait", "1",
@@ -349,9 +338,6 @@ def test_a_layer_being_published_is_not_removed(store, capsys):
         assert rc == 1 and time.monotonic() - t0 >= 1
         assert f"is publishing into {store.root}: retry when it is done" in err, err
         assert tree(store.root) == before
-    finally:
-        holder.stdin.close()
-        holder.wait(10)
     rc, _, _ = run("gc", f"dir:{store.root}", "--min-age", "0", "--delete", capsys=capsys)
     assert rc == 0 and not os.path.exists(store.view(store.layers["c"]))
 
@@ -531,16 +517,19 @@ def test_gc_measures_and_deletes_a_layer_deeper_than_python_recursion(store, cap
 
 
 @contextlib.contextmanager
-def image_held(store: DirStore, image: str):
-    """Another process in the store's session holding `image`'s own lock, as a publisher
-    of it does from reading its record to writing the new one."""
-    rel = records.record_path(image)
+def held(store: DirStore, image: str = ""):
+    """Another process in the store's session (as a publisher is from its first layer to
+    its record) and, given `image`, holding that image's own lock too (as a publisher of
+    it is from reading its record to writing the new one)."""
+    locks = "[s.session()"
+    if image:
+        locks += f", s.record_lock({records.record_path(image)!r}, {image!r})"
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys\n"
          "from cvmfs_graphdriver.publish.stores import DirStore\n"
          f"s = DirStore({store.root!r}, 'r')\n"
-         f"held = [s.session(), s.record_lock({rel!r}, {image!r})]\n"
+         f"held = {locks}]\n"
          "for cm in held: cm.__enter__()\n"
          "print('held', flush=True)\n"
          "sys.stdin.read()\n"],
@@ -560,7 +549,7 @@ def test_two_runs_never_publish_the_same_image_at_once(store):
     second run for the same name is refused (or waits, --wait) instead of interleaving,
     which could release a layer the first one's pushed image uses. Other images go on."""
     rel = records.record_path("reg/a:1")
-    with image_held(store, "reg/a:1"), store.session():
+    with held(store, "reg/a:1"), store.session():
         with pytest.raises(PublishError, match=r"is publishing into reg/a:1 in "), \
                     store.record_lock(rel, "reg/a:1"):
             pass
@@ -580,7 +569,7 @@ def test_forget_waits_for_a_publisher_of_the_same_image(store, capsys):
                 if records.is_record_name(os.path.basename(k))}
     before = recs()
     assert before
-    with image_held(store, "reg/b:1"):
+    with held(store, "reg/b:1"):
         rc, out, err = run("forget", "reg/a:2", "reg/b:1", f"dir:{store.root}",
                            capsys=capsys)
     assert rc != 0
