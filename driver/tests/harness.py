@@ -51,6 +51,19 @@ def wait_until(cond, timeout: float, what: str, log: Optional[str] = None) -> No
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}{tail}")
 
 
+def staging_left(home: str, timeout: float = 30) -> List[str]:
+    """What stays in the driver home's .staging once the freeing of removed containers'
+    files, which the driver does after their Remove has returned (reaper.py), has had up
+    to `timeout` seconds: anything left is a leak."""
+    staging = os.path.join(home, ".staging")
+    deadline = time.monotonic() + timeout
+    while True:
+        left = sorted(os.listdir(staging)) if os.path.isdir(staging) else []
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
 def socket_answers(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:

@@ -31,6 +31,7 @@ from .layout import (
     new_short_id,
     overlay_options,
 )
+from .reaper import Reaper
 from .thin import DescriptorError
 from .thinstack import ThinStacks
 
@@ -62,6 +63,11 @@ class Driver:
         self.native_diff = True
         self._extra_opts = ""
         self.backing_fs = "unknown"
+        # Layers made by CreateReadWrite in this run (containers' and their init layers):
+        # their Remove leaves the freeing of their files to the reaper. A layer not known
+        # to be one (an image layer, or any layer after a restart) is removed in the call.
+        self._read_write: Set[str] = set()
+        self._reaper = Reaper()
 
     # ------------------------------------------------------------------ helpers
 
@@ -171,10 +177,12 @@ class Driver:
             )
         self.native_diff = mounts.supports_native_diff(layout.staging)
         self._extra_opts = "index=off," if mounts.overlay_index_param() else ""
+        self._reaper.wait()  # an earlier Init's removals: recovery empties the staging area
         with self._refs_lock:
             self._layout = layout
             self._thin = ThinStacks(layout, self.config, self._locked)
             self._refs = {}
+        self._read_write.clear()
         self._recover(recorded_refs or {})
         with self._refs_lock:
             self._save_state()
@@ -366,11 +374,13 @@ class Driver:
                                       ) from None
                 raise
             os.symlink(link_target(layer_id), layout.short_link(short))
-            if parent:
+            if parent and not os.path.exists(layout.committed_file(parent)):
                 # As overlay2: a layer with a child is immutable from now on (its next
                 # mount is read-only), whether it was made by Create or CreateReadWrite.
                 write_durably(layout.committed_file(parent), "")
             fsync_dir(layout.home)
+            if read_write:
+                self._read_write.add(layer_id)
 
     def remove(self, layer_id: LayerId) -> None:
         with self._locked(layer_id):
@@ -382,9 +392,12 @@ class Driver:
             with self._refs_lock:
                 if self._refs.pop(layer_id, None) is not None:
                     self._save_state()  # else the recorded counts are unchanged
-            self._remove_layer_dir(layer_id)
+            self._remove_layer_dir(layer_id, deferred=layer_id in self._read_write)
+            self._read_write.discard(layer_id)
 
-    def _remove_layer_dir(self, layer_id: LayerId) -> None:
+    def _remove_layer_dir(self, layer_id: LayerId, *, deferred: bool = False) -> None:
+        """Remove a layer: gone from the home when this returns. Its files are freed
+        here, or (`deferred`) by the reaper soon after."""
         layout = self.layout
         self.thin.forget(layer_id)
         with contextlib.suppress(FileNotFoundError):
@@ -392,7 +405,14 @@ class Driver:
         # Move aside first: an interrupted removal leaves nothing that looks like a layer.
         doomed = layout.staging_dir(layer_id, "removing")
         os.rename(layout.dir(layer_id), doomed)
-        fdtree.remove_tree(doomed)
+        if deferred:
+            self._reaper.submit(doomed)
+        else:
+            fdtree.remove_tree(doomed)
+
+    def wait_for_removals(self) -> None:
+        """Until the files of every layer removed so far are freed."""
+        self._reaper.wait()
 
     def exists(self, layer_id: LayerId) -> bool:
         return self._complete(layer_id)
@@ -466,6 +486,9 @@ class Driver:
     def apply_diff(self, layer_id: LayerId, parent: Optional[LayerId],
                    stream: IO[bytes]) -> int:
         layout = self.layout
+        # A removed container's files are freed before a layer is unpacked: the space is
+        # there for it, and the two do not compete for the disk.
+        self._reaper.wait()
         with self._locked(layer_id):
             if not os.path.isdir(layout.dir(layer_id)):
                 raise NotFoundError(f"ApplyDiff: layer {layer_id} does not exist (Create it first)")
@@ -664,6 +687,7 @@ class Driver:
         """dockerd is shutting down: unmount every layer."""
         if self._layout is None:
             return
+        self._reaper.wait()
         for point in mounts.mounts_under(self.layout.home):
             try:
                 mounts.unmount(point)

@@ -80,6 +80,7 @@ def test_a_container_layer_as_deep_as_the_kernel_allows(new_driver, tmp_path):
     assert apply(drv, top, base, out.read_bytes()) == len(b"at the bottom")
     drv.remove(rw)
     drv.remove(top)
+    drv.wait_for_removals()
     assert sorted(os.listdir(drv.layout.staging)) == []
 
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 from faultkit import bytes_lost, contents, fds, settle, threads
+from harness import staging_left
 from layer_tools import PluginClient, TarBuilder, mounts_below, new_id, read_tar
 
 pytestmark = pytest.mark.root
@@ -52,7 +53,7 @@ def check_after(c: PluginClient, tmp_path, before, layer: str, kept, diffs, tall
     leaked_threads = len(settle(threads, threads_before)) - len(threads_before)
     leaked_fds = len(settle(fds, fds_before)) - len(fds_before)
     leaked_mounts = len(mounts_below(str(tmp_path)))
-    staging = os.listdir(tmp_path / "home" / ".staging")
+    staging = staging_left(str(tmp_path / "home"))
     leaks = max(0, leaked_threads) + max(0, leaked_fds) + leaked_mounts + len(staging)
     tally.lost(lost)
     tally.leaks(leaks)

@@ -15,6 +15,7 @@ from typing import IO, Iterator, List, Tuple
 
 import pytest
 from faultkit import BigTar, bytes_lost, contents, fill, fill_up, free_blocks
+from harness import staging_left
 from layer_tools import PluginClient, PluginError, TarBuilder, mounts_below, new_id
 
 pytestmark = pytest.mark.root
@@ -67,7 +68,7 @@ def assert_cleanly_failed(client: PluginClient, home: str, layer: str, layers: i
     assert client.call("GraphDriver.Exists", {"ID": layer}) == {"Exists": False}
     assert layer_count(client) == layers
     assert client.call("GraphDriver.Remove", {"ID": layer}) == {}
-    assert os.listdir(os.path.join(home, ".staging")) == []
+    assert staging_left(home) == []
     assert not os.path.lexists(os.path.join(home, layer))
 
 
@@ -193,7 +194,7 @@ def test_disk_full_during_a_build(loopfs, plugin, tally):
 
     assert_cleanly_failed(plugin, home, committed, layers=2)  # base and the container
     assert plugin.call("GraphDriver.Remove", {"ID": container}) == {}
-    assert os.listdir(os.path.join(home, ".staging")) == []
+    assert staging_left(home) == []
     assert_recovered(plugin, tally, mnt, free, home, base, kept)
 
 
@@ -235,7 +236,7 @@ def test_create_on_a_full_disk_leaves_nothing(loopfs, plugin, tally):
         assert plugin.call("GraphDriver.Exists", {"ID": layer}) == {"Exists": False}
         assert plugin.call("GraphDriver.Remove", {"ID": layer}) == {}
         assert not os.path.lexists(os.path.join(home, layer))
-    assert os.listdir(os.path.join(home, ".staging")) == []
+    assert staging_left(home) == []
     assert layer_count(plugin) == 1
     shutil.rmtree(filler)
     assert abs(free_blocks(mnt) - free) <= SLACK_BLOCKS

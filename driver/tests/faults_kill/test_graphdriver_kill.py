@@ -41,6 +41,7 @@ from harness import (
     busybox_rootfs,
     export_manifest,
     need_docker,
+    staging_left,
     tar_of,
 )
 
@@ -200,7 +201,7 @@ def check_consistent(st: Stack, tally, scratch: str, when: str, *,
     if orphans:
         problems.append(f"layers no image or container of dockerd uses: {sorted(orphans)}")
         leaks += len(orphans)
-    staging = os.listdir(layout.staging) if os.path.isdir(layout.staging) else []
+    staging = staging_left(layout.home)
     if staging:
         problems.append(f".staging not empty: {staging}")
         leaks += len(staging)

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Set
 
-from harness import Dockerd, DockerError, busybox_rootfs, tar_of
+from harness import Dockerd, DockerError, busybox_rootfs, staging_left, tar_of
 
 # ----------------------------------------------------------------------------- Engine API
 
@@ -101,7 +101,9 @@ class HomeUsage:
 
 
 def home_usage(home: str) -> HomeUsage:
-    """What the driver stores: never descends into mounted union views."""
+    """What the driver stores, once removed containers' files are freed (which the
+    driver does just after their Remove): never descends into mounted union views."""
+    staging = staging_left(home)
     total = 0
     home_dev = os.lstat(home).st_dev
     for top, dirs, files in os.walk(home):
@@ -113,12 +115,11 @@ def home_usage(home: str) -> HomeUsage:
         dirs[:] = keep
         for name in files:
             total += os.lstat(os.path.join(top, name)).st_size
-    staging = os.path.join(home, ".staging")
     return HomeUsage(
         layers=len(layer_dirs(home)),
         links=len(os.listdir(os.path.join(home, "l"))),
         bytes=total,
-        staging=len(os.listdir(staging)) if os.path.isdir(staging) else 0,
+        staging=len(staging),
     )
 
 

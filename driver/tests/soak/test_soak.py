@@ -92,6 +92,7 @@ from harness import (  # noqa: E402
     import_busybox,
     need,
     need_docker,
+    staging_left,
 )
 
 pytestmark = pytest.mark.docker
@@ -615,8 +616,7 @@ def test_soak(rig: Rig, tally) -> None:
     # Leaks.
     end = _settled_handles(pid)
     mounts_after = mounts_below(rig.home)
-    staging_dir = os.path.join(rig.home, ".staging")
-    staging = os.listdir(staging_dir) if os.path.isdir(staging_dir) else []
+    staging = staging_left(rig.home)
     applying = [n for n in _home_layers(rig.home)
                 if os.path.exists(os.path.join(rig.home, n, ".applying"))]
     links_dir = os.path.join(rig.home, "l")
