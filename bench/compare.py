@@ -18,10 +18,14 @@ ratio; the table gives their median and spread, and in how many rounds the targe
                     (made of this host's own Debian 12 files), `docker pull` of it from the
                     local registry; rmi_multi: `docker rmi` of it after the load
   diff, commit, rm  of a container of the imported image that wrote 20 MB and removed a dir
+                    (rm: the cvmfs driver frees a container's files just after the call;
+                    the next ApplyDiff waits for them, so the build after it pays what is left)
   build             a classic-builder (DOCKER_BUILDKIT=0) RUN on busybox writing 2000 small
                     files and 3 x 20 MB
   rmi               `docker rmi` of the imported, committed and built images
-  warm_start        `docker run --rm IMAGE true`, image present (the 14-layer image)
+  warm_start        `docker run --rm IMAGE true`, image present (the 14-layer image); a
+                    round's figure is the median of warm_repeats (full: 7) starts, each in
+                    turn with the other driver's
   deep_load, deep_start   `docker load` of a 125-layer image; its first `run --rm deep true`
   concurrent_start  20 `docker run --rm IMAGE true` at once (the 14-layer image)
   concurrent_pull   4 different images pulled at once from the registry
@@ -119,7 +123,7 @@ class Params:
 FULL = Params(rounds=5, import_mb=150, import_files=3000, multi_mb=600, deep_layers=125,
               concurrent_starts=20, concurrent_pulls=4, concurrent_pull_mb=40,
               build_small=2000, build_big=3, build_big_mb=20, scaling_mb=(50, 150, 300),
-              scaling_rounds=2, warm_repeats=3)
+              scaling_rounds=2, warm_repeats=7)
 QUICK = Params(rounds=2, import_mb=50, import_files=1000, multi_mb=100, deep_layers=30,
                concurrent_starts=6, concurrent_pulls=2, concurrent_pull_mb=10,
                build_small=500, build_big=3, build_big_mb=5, scaling_mb=(20, 50),
@@ -133,7 +137,7 @@ FIGURES: Dict[str, str] = {
     "rmi_multi": "docker rmi of the multi-layer image",
     "diff": "docker diff (20 MB written, a dir removed)",
     "commit": "docker commit of that container",
-    "rm": "docker rm of that container",
+    "rm": "docker rm of that container (cvmfs frees its files just after)",
     "build": "docker build (classic): RUN writing small files + large ones",
     "rmi": "docker rmi of the imported, committed and built images",
     "warm_start": "docker run --rm IMAGE true, multi-layer image present",
@@ -665,6 +669,8 @@ def multi_layer_ops(s: Suite, which: str) -> Steps:
     yield
     true = ["run", "--rm", "--network", "none", remote, "true"]
     s.quietly(which, *true)  # the first start makes what later ones find
+    # The round's figure is the median of warm_repeats starts, each taken in turn with
+    # the other driver's (a start is a quarter of a second: one alone says little).
     warm: List[float] = []
     for _ in range(s.p.warm_repeats):
         t0 = time.perf_counter()
@@ -673,9 +679,9 @@ def multi_layer_ops(s: Suite, which: str) -> Steps:
             warm.append(time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001
             s.error("warm_start", which, e)
+        yield
     if warm:
         s.record("warm_start", which, statistics.median(warm))
-    yield
     concurrent(s, "concurrent_start", which,
                [["docker", "-H", d.host, *true] for _ in range(s.p.concurrent_starts)])
     yield
