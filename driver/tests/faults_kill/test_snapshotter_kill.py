@@ -229,10 +229,18 @@ def _read_from(st: Stack, name: str) -> bytes:
     """The payload in the committed snapshot `name`, through a view of it. containerd's
     garbage collector may remove a snapshot that no lease holds - ctr's views hold none -
     whenever a deletion has scheduled a collection (ctr 1.6 cannot give a lease); a view
-    collected under the read is made again (containerd's doing, not the snapshotter's)."""
+    collected under the read is made again (containerd's doing, not the snapshotter's).
+
+    A view the collector takes leaves `name` unremovable through containerd 1.6: its
+    collector deletes a snapshot's record but not the parent's link to it (metadata/gc.go
+    remove), and `ctr snapshots rm name` then fails "cannot remove snapshot with child".
+    Its scheduler collects only after a deletion (or a hundred other changes), so one
+    collection run to its end first (the commit just made deleted its active snapshot)
+    leaves none due while the view exists (gc/scheduler/scheduler.go)."""
     view = f"view-{name}"
     target = os.path.join(st.work, f"mnt-{view}")
     os.makedirs(target, exist_ok=True)
+    st.containerd.gc()
     for attempt in range(3):
         st.ctr("snapshots", "--snapshotter", SN, "view", view, name)
         try:
