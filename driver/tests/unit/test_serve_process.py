@@ -151,3 +151,42 @@ def test_serve_exits_2_naming_a_bad_configuration(tmp_path, text, message):
                         "--config", str(config)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
     assert message in r.stderr and str(config) in r.stderr
+
+
+# Eight threads allocate at once, then the C library's malloc_info counts its arenas.
+ARENAS = """
+import ctypes, os, sys, threading
+from cvmfs_graphdriver.cli import limit_malloc_arenas
+print(limit_malloc_arenas())
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p] * 2
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+start = threading.Barrier(8)
+def allocate():
+    start.wait()
+    for p in [libc.malloc(4096) for _ in range(2000)]:
+        libc.free(p)
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+fp = libc.fopen(sys.argv[1].encode(), b"w")
+libc.malloc_info(0, fp)
+libc.fclose(fp)
+print(open(sys.argv[1]).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.parametrize("operator", [None, "8"])
+def test_the_daemons_keep_two_malloc_arenas_unless_the_operator_says(tmp_path, operator):
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    if operator:
+        env["MALLOC_ARENA_MAX"] = operator
+    out = subprocess.run([sys.executable, "-c", ARENAS, str(tmp_path / "malloc.xml")],
+                         env=env, capture_output=True, text=True, check=True).stdout.split()
+    if operator:
+        assert out[0] == "False" and int(out[1]) > 2, out  # the operator's 8 stand
+    else:
+        assert out == ["True", "2"], out
