@@ -23,14 +23,17 @@ log = logging.getLogger(__name__)
 class Reaper:
     """Removes trees in the order given, in one thread that runs while there is work.
 
-    wait() returns once every tree given so far is gone, or failed to go: a failure is
-    logged and the tree left where it is, in the staging area, which the driver's next
-    start empties."""
+    wait() returns once every tree given before it was called is gone, or failed to go
+    (trees given meanwhile do not hold it up): a failure is logged and the tree left where
+    it is, in the staging area, which the driver's next start empties."""
 
     def __init__(self, name: str = "cvmfs-reaper") -> None:
         self._name = name
         self._queue: Deque[str] = collections.deque()
-        self._outstanding = 0  # given and not yet done (queued, or being removed)
+        # Trees are done in the order given: wait() waits for `_done` to reach the count
+        # given when it was called.
+        self._given = 0
+        self._done = 0
         self._running = False  # a thread is serving the queue
         self._cond = threading.Condition()
 
@@ -38,14 +41,14 @@ class Reaper:
         """Remove the tree at `path` (already renamed out of sight) soon."""
         with self._cond:
             self._queue.append(path)
-            self._outstanding += 1
+            self._given += 1
             if self._running:
                 return
             self._running = True
             try:
                 threading.Thread(target=self._run, name=self._name, daemon=True).start()
                 return
-            except RuntimeError:  # no thread to be had: remove it here, as before
+            except BaseException:  # no thread to be had: remove it here, as before
                 self._running = False
                 self._queue.pop()
         self._remove(path)
@@ -53,7 +56,8 @@ class Reaper:
     def wait(self) -> None:
         """Until every tree given so far is gone (or failed to go)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._outstanding == 0)
+            given = self._given
+            self._cond.wait_for(lambda: self._done >= given)
 
     def _run(self) -> None:
         while True:
@@ -72,5 +76,5 @@ class Reaper:
                         "next start removes them", path, e)
         finally:
             with self._cond:
-                self._outstanding -= 1
+                self._done += 1
                 self._cond.notify_all()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Callable, Iterator, Tuple
 
 import pytest
@@ -134,3 +135,39 @@ def test_many_removals_at_once_all_complete(drv):
     assert os.listdir(drv.layout.staging) == []
     assert drv.exists(base)
     assert not drv.exists(new_id())
+
+
+def test_wait_is_not_held_up_by_trees_given_after_it(monkeypatch, tmp_path):
+    gates = {str(tmp_path / n): threading.Event() for n in ("a", "b")}
+    monkeypatch.setattr(reaper, "remove_tree", lambda path: gates[path].wait(30))
+    r = reaper.Reaper()
+    a, b = gates
+    r.submit(a)
+    done = threading.Event()
+    threading.Thread(target=lambda: (r.wait(), done.set()), daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not r._cond._waiters:  # type: ignore[attr-defined] # the waiter is in wait()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    r.submit(b)  # given after the wait began: a steady stream must not starve it
+    gates[a].set()
+    assert done.wait(10), "wait() waited for a tree given after it was called"
+    gates[b].set()
+    r.wait()
+
+
+def test_without_a_thread_the_tree_is_removed_in_the_call(monkeypatch, tmp_path):
+    def no_thread(self) -> None:
+        raise MemoryError("no thread")
+
+    tree = tmp_path / "t"
+    (tree / "sub").mkdir(parents=True)
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    r = reaper.Reaper()
+    r.submit(str(tree))
+    assert not tree.exists()
+    monkeypatch.undo()
+    (tree / "sub").mkdir(parents=True)
+    r.submit(str(tree))  # and a later one has its thread: nothing was left claimed
+    r.wait()
+    assert not tree.exists()
