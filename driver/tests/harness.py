@@ -17,7 +17,7 @@ import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 PLUGIN_DIR = "/run/docker/plugins"
 
@@ -51,17 +51,24 @@ def wait_until(cond, timeout: float, what: str, log: Optional[str] = None) -> No
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}{tail}")
 
 
+def settle(probe: Callable[[], Any], want: Any, seconds: float = 10) -> Any:
+    """`probe()` once it equals `want` (threads and descriptors of a finished request
+    go a moment after its answer), or its last value after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = probe()
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
 def staging_left(home: str, timeout: float = 30) -> List[str]:
     """What stays in the driver home's .staging once the freeing of removed containers'
     files, which the driver does after their Remove has returned (reaper.py), has had up
     to `timeout` seconds: anything left is a leak."""
     staging = os.path.join(home, ".staging")
-    deadline = time.monotonic() + timeout
-    while True:
-        left = sorted(os.listdir(staging)) if os.path.isdir(staging) else []
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.05)
+    return settle(lambda: sorted(os.listdir(staging)) if os.path.isdir(staging) else [],
+                  [], timeout)
 
 
 def socket_answers(path: str) -> bool:

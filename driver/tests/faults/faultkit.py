@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from harness import settle  # noqa: F401 (the fault tests' helpers, in one place)
 from layer_tools import mounts_below
 
 from cvmfs_graphdriver import mounts
@@ -217,12 +218,3 @@ def threads() -> List[str]:
     return sorted(t.name for t in threading.enumerate())
 
 
-def settle(probe: Callable[[], Any], want: Any, seconds: float = 10) -> Any:
-    """`probe()` once it equals `want` (threads and descriptors of a finished request
-    go a moment after its answer), or its last value after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while True:
-        got = probe()
-        if got == want or time.monotonic() > deadline:
-            return got
-        time.sleep(0.05)
