@@ -20,7 +20,7 @@ from . import __version__, archive, fdtree, metrics, mounts, whiteouts
 from .changes import Change, changes_dirs, changes_in_upper, changes_size
 from .config import Config
 from .errors import DriverError, NotFoundError
-from .files import atomic_write, fsync_dir, read, write_durably
+from .files import atomic_write, fsync_dir, read, write_all_durably, write_durably
 from .layout import (
     LayerDir,
     LayerId,
@@ -68,6 +68,7 @@ class Driver:
         # to be one (an image layer, or any layer after a restart) is removed in the call.
         self._read_write: Set[str] = set()
         self._reaper = Reaper()
+        self._recorded: Optional[Dict[str, Any]] = None  # what the state file holds
 
     # ------------------------------------------------------------------ helpers
 
@@ -185,6 +186,7 @@ class Driver:
         self._read_write.clear()
         self._recover(recorded_refs or {})
         with self._refs_lock:
+            self._recorded = None  # Init writes the file whatever it holds
             self._save_state()
         log.info("initialised home %s on %s (native diff %s)", layout.home, self.backing_fs,
                  self.native_diff)
@@ -194,19 +196,26 @@ class Driver:
         (a container's Get, and one more for each commit, cp or export in progress):
         a driver restarted under a running dockerd adopts the mounts with those counts,
         so the Put of an interrupted commit does not unmount a running container's root.
+        A single reference is not written: the mount itself says it (recovery adopts a
+        mounted layer with one), so a container's start and stop write nothing; the
+        file changes only with the home and with a second user of a mount.
         Called with _refs_lock held."""
         if not self.state_file or self._layout is None:
             return
-        state = {"Home": self._layout.home, "Refs": self._refs}
+        state = {"Home": self._layout.home,
+                 "Refs": {name: n for name, n in self._refs.items() if n > 1}}
+        if state == self._recorded:
+            return
         try:
             os.makedirs(os.path.dirname(self.state_file), mode=0o755, exist_ok=True)
             # Not flushed to disk: it serves a restart of the driver alone (the mounts it
-            # counts do not outlive a reboot, nor does /run), and Get, Put and Remove
-            # write it - a flush each would be a journal commit where /run is no tmpfs.
+            # counts do not outlive a reboot, nor does /run).
             atomic_write(self.state_file, json.dumps(state) + "\n", durable=False)
         except OSError as e:
             log.warning("cannot record the driver's state in %s (a restart of the driver "
                         "will need a dockerd restart): %s", self.state_file, e)
+        else:
+            self._recorded = state
 
     def restore(self) -> bool:
         """Init again with the home of the last Init, if one was recorded.
@@ -358,14 +367,19 @@ class Driver:
                 os.mkdir(staged.diff, 0o755)
                 os.chmod(staged.diff, 0o755)  # the layer root, whatever the umask
                 short = new_short_id()
+                files = [(staged.link_file, short)]
                 if not read_write:
                     # Until its ApplyDiff: recovery removes a layer dockerd never learnt of.
-                    write_durably(staged.unapplied_marker, "")
-                write_durably(staged.link_file, short)
+                    files.append((staged.unapplied_marker, ""))
                 if parent:
-                    write_durably(staged.lower_file, lower)
-                    write_durably(staged.parent_file, parent)
+                    files += [(staged.lower_file, lower), (staged.parent_file, parent)]
                     os.mkdir(staged.work, 0o700)
+                    if not os.path.exists(layout.committed_file(parent)):
+                        # As overlay2 (and when it does): a layer with a child is
+                        # immutable from now on (its next mount is read-only), whether it
+                        # was made by Create or CreateReadWrite.
+                        files.append((layout.committed_file(parent), ""))
+                write_all_durably(files)  # flushed together: one journal commit
                 os.rename(staged.path, layout.dir(layer_id))
             except BaseException as e:
                 fdtree.remove_tree(staged.path)
@@ -374,10 +388,6 @@ class Driver:
                                       ) from None
                 raise
             os.symlink(link_target(layer_id), layout.short_link(short))
-            if parent and not os.path.exists(layout.committed_file(parent)):
-                # As overlay2: a layer with a child is immutable from now on (its next
-                # mount is read-only), whether it was made by Create or CreateReadWrite.
-                write_durably(layout.committed_file(parent), "")
             fsync_dir(layout.home)
             if read_write:
                 self._read_write.add(layer_id)

@@ -4,11 +4,14 @@ and are adopted, short links are repaired."""
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import pytest
 from layer_tools import TarBuilder, make_layer, mounts_below
 
+from cvmfs_graphdriver.config import Config
+from cvmfs_graphdriver.driver import Driver
 from cvmfs_graphdriver.errors import DriverError, NotFoundError
 
 pytestmark = pytest.mark.root
@@ -176,3 +179,59 @@ def test_dockerd_restart_cleanup_then_init_again_on_the_same_driver(new_driver):
     assert d.get(child) == view and _is_mounted(view)
     d.put(child)
     assert not _is_mounted(view)
+
+
+def _state(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_the_state_file_is_written_only_when_a_mount_gains_a_second_user(new_driver, tmp_path):
+    """A container's start and stop (one Get, one Put) write nothing: its one reference
+    is what recovery gives a mounted layer anyway. A second user (a `docker commit` of the
+    running container) is written, and its release too; a restarted driver then needs
+    two Puts to unmount."""
+    state_file = str(tmp_path / "run" / "state.json")
+    d1 = new_driver()
+    base = make_layer(d1, data=BASE_TAR)
+    container = make_layer(d1, base, rw=True)
+    d1.cleanup()
+
+    d = Driver(Config(), state_file=state_file)
+    d.init(str(tmp_path / "home"), None, None, None)
+    assert _state(state_file) == {"Home": d.layout.home, "Refs": {}}
+    written = os.stat(state_file).st_ino  # each write replaces the file (a new inode)
+
+    def rewritten() -> bool:
+        nonlocal written
+        ino, written = written, os.stat(state_file).st_ino
+        return ino != written
+
+    view = d.get(container)
+    assert not rewritten()
+    d.put(container)
+    assert not rewritten()
+
+    assert d.get(container) == view
+    assert d.get(container) == view  # the commit's
+    assert rewritten()
+    assert _state(state_file)["Refs"] == {container: 2}
+
+    d2 = Driver(Config(), state_file=state_file)  # the driver restarted, the mount stays
+    assert d2.restore()
+    d2.put(container)  # the commit's Put
+    assert _is_mounted(view), "a Put of the commit unmounted the running container"
+    assert _state(state_file)["Refs"] == {}
+    d2.put(container)  # the container stops
+    assert not _is_mounted(view)
+    d2.cleanup()
+
+
+def test_init_writes_the_state_file_again_even_when_nothing_changed(new_driver, tmp_path):
+    state_file = str(tmp_path / "state.json")
+    d = Driver(Config(), state_file=state_file)
+    d.init(str(tmp_path / "home"), None, None, None)
+    os.unlink(state_file)  # as a reboot takes /run
+    d.init(str(tmp_path / "home"), None, None, None)  # dockerd started again
+    assert _state(state_file) == {"Home": d.layout.home, "Refs": {}}
+    d.cleanup()

@@ -2,8 +2,8 @@
 whose answer never reaches dockerd leaves a layer that no image of dockerd uses.
 
 The driver is killed after Driver.create has renamed the layer into the home but before
-its 200 is written (the window is the fsyncs after the rename: the layer symlink, the
-parent's committed file, fsync_dir(home)). dockerd's plugin client sees EOF and retries
+its 200 is written (the window is what follows the rename: the layer symlink and
+fsync_dir(home)). dockerd's plugin client sees EOF and retries
 the call, re-reading the bytes.Buffer the first try already drained (moby
 pkg/plugins/client.go callWithRetry, moby/moby#33412): the retry is a Create with an
 empty body, refused as "invalid layer id ''". registerWithDescriptor returns the error
