@@ -24,7 +24,7 @@ ratio; the table gives their median and spread, and in how many rounds the targe
                     files and 3 x 20 MB
   rmi               `docker rmi` of the imported, committed and built images
   warm_start        `docker run --rm IMAGE true`, image present (the 14-layer image); a
-                    round's figure is the median of warm_repeats (full: 7) starts, each in
+                    round's figure is the median of warm_repeats (full: 15) starts, each in
                     turn with the other driver's
   deep_load, deep_start   `docker load` of a 125-layer image; its first `run --rm deep true`
   concurrent_start  20 `docker run --rm IMAGE true` at once (the 14-layer image)
@@ -123,7 +123,7 @@ class Params:
 FULL = Params(rounds=5, import_mb=150, import_files=3000, multi_mb=600, deep_layers=125,
               concurrent_starts=20, concurrent_pulls=4, concurrent_pull_mb=40,
               build_small=2000, build_big=3, build_big_mb=20, scaling_mb=(50, 150, 300),
-              scaling_rounds=2, warm_repeats=7)
+              scaling_rounds=2, warm_repeats=15)
 QUICK = Params(rounds=2, import_mb=50, import_files=1000, multi_mb=100, deep_layers=30,
                concurrent_starts=6, concurrent_pulls=2, concurrent_pull_mb=10,
                build_small=500, build_big=3, build_big_mb=5, scaling_mb=(20, 50),
@@ -670,7 +670,10 @@ def multi_layer_ops(s: Suite, which: str) -> Steps:
     true = ["run", "--rm", "--network", "none", remote, "true"]
     s.quietly(which, *true)  # the first start makes what later ones find
     # The round's figure is the median of warm_repeats starts, each taken in turn with
-    # the other driver's (a start is a quarter of a second: one alone says little).
+    # the other driver's. A start is a quarter to a third of a second, most of it the
+    # docker CLI, dockerd and runc, and one start's ratio to the other driver's varies by
+    # +-8 % (bench/small_ops.py: quartiles 0.94-1.09 over 30 pairs): against a 5 % target
+    # a round needs more than a few.
     warm: List[float] = []
     for _ in range(s.p.warm_repeats):
         t0 = time.perf_counter()
