@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -25,34 +24,12 @@ from .config import (
 )
 from .driver import Driver
 from .errors import DriverError
+from .memory import limit_malloc_arenas
 from .server import PluginServer
 from .sockets import activated_socket, bind_socket, sd_notify
 from .volumes import Volumes
 
 log = logging.getLogger("cvmfs_graphdriver")
-
-# glibc gives threads that allocate at the same time arenas of their own, up to eight per
-# core, and gives back little of what is freed in them. A daemon with a thread per plugin
-# connection (and gRPC's pool) then grew round after round of bench/compare.py: 61 MB peak
-# over ten rounds, its RSS after each round wandering from 29 to 47 MB. Python allocates
-# under the GIL, so threads gain nothing from arenas of their own; two are kept.
-MALLOC_ARENAS = 2
-M_ARENA_MAX = -8  # mallopt's parameter number (glibc's malloc.h)
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Cap the C library's malloc arenas, before the daemon starts threads. False when
-    MALLOC_ARENA_MAX is set (the operator's value stands) or the C library has no such
-    setting (not glibc)."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_ARENA_MAX, arenas) == 1)
-
 
 def _daemon_args(parser: argparse.ArgumentParser, socket_default: str) -> None:
     """--config, --socket and --log-level, which every daemon command takes."""

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 from .driver import DiffWriter, Driver
 from .errors import DriverError
 from .layout import LayerId, validate_id
+from .memory import RELEASE_AFTER_BYTES, release_free_memory
 from .volumes import VOLUME_ROUTES, Volumes, implements
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ class _Body:
     def read(self, n: int = -1) -> bytes:
         raise NotImplementedError
 
+    @property
+    def received(self) -> int:
+        """Bytes of the body read so far."""
+        raise NotImplementedError
+
     def drain(self) -> None:
         while self.read(READ_CHUNK):
             pass
@@ -144,6 +150,10 @@ class ChunkedReader(_Body):
                     return
             raise self._fail(f"request body has more than {MAX_TRAILERS} trailer lines")
 
+    @property
+    def received(self) -> int:
+        return self._total
+
     def read(self, n: int = -1) -> bytes:
         self._check()
         out = bytearray()
@@ -180,6 +190,10 @@ class LengthReader(_Body):
         super().__init__(raw, idle)
         self._length = self._left = length
 
+    @property
+    def received(self) -> int:
+        return self._length - self._left
+
     def read(self, n: int = -1) -> bytes:
         self._check()
         if self._left <= 0:
@@ -202,12 +216,14 @@ class ChunkedWriter:
 
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
+        self.sent = 0  # bytes of data written
 
     def write(self, data: bytes) -> int:
         if data:
             self._raw.write(b"%x\r\n" % len(data))
             self._raw.write(data)
             self._raw.write(b"\r\n")
+            self.sent += len(data)
         return len(data)
 
     def flush(self) -> None:
@@ -381,9 +397,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self.raw_requestline = b""  # still empty if the connection times out idle
+        self._moved = 0  # bytes of the call's body and streamed answer (do_POST counts)
         # Each request starts with REQUEST_TIMEOUT (the last call may have set another).
         self.connection.settimeout(REQUEST_TIMEOUT)
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        finally:
+            if self._moved >= RELEASE_AFTER_BYTES:
+                # After the answer is sent: no call waits for it.
+                release_free_memory()
 
     def address_string(self) -> str:
         return "unix"
@@ -465,6 +487,12 @@ class Handler(BaseHTTPRequestHandler):
             self._error(f"{method}: {e}", e.status)
             return
         req = Request(method, url.query, body)
+        try:
+            self._dispatch(method, req)
+        finally:
+            self._moved += body.received
+
+    def _dispatch(self, method: str, req: Request) -> None:
         route = self.server.routes.get(method)
         if route is None:
             self._finish_body(req)
@@ -572,6 +600,8 @@ class Handler(BaseHTTPRequestHandler):
             log.error("%s failed mid-stream:\n%s", method, traceback.format_exc())
             self.close_connection = True  # the client sees a truncated tar, not a valid one
             return
+        finally:
+            self._moved += out.sent
         out.close()
 
 

@@ -661,3 +661,33 @@ def test_shutdown_is_not_held_up_by_a_connection_waiting_for_a_slot(as_root):
             s.close()
         srv.server_close()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_a_call_that_moved_a_layers_worth_gives_freed_memory_back(inited, monkeypatch):
+    """After an ApplyDiff or a Diff of RELEASE_AFTER_BYTES or more (their buffers freed),
+    and only then, the server gives the heap's free memory back, once the answer is sent;
+    a body that fails midway counts what it moved."""
+    released = []
+    monkeypatch.setattr(server, "release_free_memory", lambda: released.append(1))
+    monkeypatch.setattr(server, "RELEASE_AFTER_BYTES", 1 << 20)
+    small = new_id()
+    inited.call("GraphDriver.Create", {"ID": small, "Parent": ""})
+    inited.apply_diff(small, "", TarBuilder().file("f", b"x" * 1000).bytes())
+    inited.call("GraphDriver.Exists", {"ID": small})
+    assert released == []
+
+    big = new_id()
+    inited.call("GraphDriver.Create", {"ID": big, "Parent": ""})
+    inited.apply_diff(big, "", TarBuilder().file("f", os.urandom(2 << 20)).bytes())
+    assert released == [1]
+    data, resp = inited.diff(big)
+    assert len(data) > 2 << 20 and resp.status == 200
+    inited.call("GraphDriver.Exists", {"ID": big})  # the Diff's release is done by then
+    assert released == [1, 1]
+
+    broken = new_id()
+    inited.call("GraphDriver.Create", {"ID": broken, "Parent": ""})
+    with pytest.raises(PluginError):  # not a tar: refused after its body is read
+        inited.apply_diff(broken, "", os.urandom(3 << 20))
+    inited.call("GraphDriver.Exists", {"ID": broken})
+    assert released == [1, 1, 1]

@@ -156,7 +156,7 @@ def test_serve_exits_2_naming_a_bad_configuration(tmp_path, text, message):
 # Eight threads allocate at once, then the C library's malloc_info counts its arenas.
 ARENAS = """
 import ctypes, os, sys, threading
-from cvmfs_graphdriver.cli import limit_malloc_arenas
+from cvmfs_graphdriver.memory import limit_malloc_arenas
 print(limit_malloc_arenas())
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -190,3 +190,32 @@ def test_the_daemons_keep_two_malloc_arenas_unless_the_operator_says(tmp_path, o
         assert out[0] == "False" and int(out[1]) > 2, out  # the operator's 8 stand
     else:
         assert out == ["True", "2"], out
+
+
+# 600 blocks of 100 KiB (below glibc's mmap threshold: from the heap) are written, then
+# freed but the last, which keeps the heap's top from shrinking by itself.
+TRIM = """
+import ctypes, sys
+from cvmfs_graphdriver.memory import release_free_memory
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) // 1024
+blocks = [libc.malloc(100 << 10) for _ in range(600)]
+for p in blocks:
+    ctypes.memset(p, 1, 100 << 10)
+for p in blocks[:-1]:
+    libc.free(p)
+freed = rss()
+print(release_free_memory(), freed, rss())
+"""
+
+
+def test_release_free_memory_gives_freed_heap_pages_back():
+    out = subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "True", out
+    freed, trimmed = int(out[1]), int(out[2])
+    assert freed - trimmed > 40, f"RSS {freed} MB after free, {trimmed} MB after the trim"
