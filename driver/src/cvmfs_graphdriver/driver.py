@@ -197,8 +197,9 @@ class Driver:
         a driver restarted under a running dockerd adopts the mounts with those counts,
         so the Put of an interrupted commit does not unmount a running container's root.
         A single reference is not written: the mount itself says it (recovery adopts a
-        mounted layer with one), so a container's start and stop write nothing; the
-        file changes only with the home and with a second user of a mount.
+        mounted layer with one), so a container's start and stop write nothing; the file
+        is written by Init and when a count above one changes, and not rewritten when
+        what it would hold is what was last written.
         Called with _refs_lock held."""
         if not self.state_file or self._layout is None:
             return

@@ -88,7 +88,8 @@ def write_all_durably(files: Sequence[Tuple[str, str]]) -> None:
             os.fsync(fd)
     finally:
         for fd in fds:
-            os.close(fd)
+            with contextlib.suppress(OSError):  # every one is closed, the error stands
+                os.close(fd)
 
 
 SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the dirty pages, do not wait

@@ -15,12 +15,12 @@ from typing import Any, Optional
 MALLOC_ARENAS = 2
 M_ARENA_MAX = -8  # mallopt's parameter number (glibc's malloc.h)
 
-# A call whose body or answer moved at least this much (an ApplyDiff or Diff of a layer)
-# leaves its freed buffers (1 MiB reads, a tar's headers) in the heap, where glibc keeps
-# them: RSS after a round of bench/compare.py wandered by 4-6 MB. malloc_trim after such a
-# call gives them back (0.2-0.7 ms; in-process, 4 ApplyDiffs of 160 MB at once, six
-# times: RSS 30.1-33.2 MB without, 28.5-29.8 MB with). Smaller calls move too little to
-# be worth a trim.
+# A call whose body and answer moved at least this much (an ApplyDiff or Diff of a layer,
+# a Changes of many files) leaves its freed buffers (1 MiB reads, a tar's headers) in the
+# heap, where glibc keeps them: RSS after a round of bench/compare.py wandered by 4-6 MB.
+# malloc_trim after such a call gives them back (0.2-0.7 ms; in-process, 4 ApplyDiffs of
+# 160 MB at once, six times: RSS 30.1-33.2 MB without, 28.5-29.8 MB with). Smaller calls
+# move too little to be worth a trim.
 RELEASE_AFTER_BYTES = 8 << 20
 
 

@@ -10,6 +10,7 @@ import os
 import pytest
 from layer_tools import TarBuilder, make_layer, mounts_below
 
+from cvmfs_graphdriver import driver as driver_module
 from cvmfs_graphdriver.config import Config
 from cvmfs_graphdriver.driver import Driver
 from cvmfs_graphdriver.errors import DriverError, NotFoundError
@@ -186,7 +187,8 @@ def _state(path: str) -> dict:
         return json.load(f)
 
 
-def test_the_state_file_is_written_only_when_a_mount_gains_a_second_user(new_driver, tmp_path):
+def test_the_state_file_is_written_only_when_a_mount_gains_a_second_user(new_driver, tmp_path,
+                                                                         monkeypatch):
     """A container's start and stop (one Get, one Put) write nothing: its one reference
     is what recovery gives a mounted layer anyway. A second user (a `docker commit` of the
     running container) is written, and its release too; a restarted driver then needs
@@ -197,24 +199,22 @@ def test_the_state_file_is_written_only_when_a_mount_gains_a_second_user(new_dri
     container = make_layer(d1, base, rw=True)
     d1.cleanup()
 
+    writes = []
+    real_write = driver_module.atomic_write
+    monkeypatch.setattr(driver_module, "atomic_write",
+                        lambda path, *a, **k: (writes.append(path), real_write(path, *a, **k)))
     d = Driver(Config(), state_file=state_file)
     d.init(str(tmp_path / "home"), None, None, None)
     assert _state(state_file) == {"Home": d.layout.home, "Refs": {}}
-    written = os.stat(state_file).st_ino  # each write replaces the file (a new inode)
-
-    def rewritten() -> bool:
-        nonlocal written
-        ino, written = written, os.stat(state_file).st_ino
-        return ino != written
+    assert writes == [state_file]
 
     view = d.get(container)
-    assert not rewritten()
     d.put(container)
-    assert not rewritten()
+    assert writes == [state_file], "a start and stop wrote the state file"
 
     assert d.get(container) == view
     assert d.get(container) == view  # the commit's
-    assert rewritten()
+    assert writes == [state_file] * 2
     assert _state(state_file)["Refs"] == {container: 2}
 
     d2 = Driver(Config(), state_file=state_file)  # the driver restarted, the mount stays
@@ -225,6 +225,36 @@ def test_the_state_file_is_written_only_when_a_mount_gains_a_second_user(new_dri
     d2.put(container)  # the container stops
     assert not _is_mounted(view)
     d2.cleanup()
+
+
+def test_a_state_file_write_that_failed_is_tried_again(new_driver, tmp_path, monkeypatch):
+    state_file = str(tmp_path / "state.json")
+    d1 = new_driver()
+    container = make_layer(d1, make_layer(d1, data=BASE_TAR), rw=True)
+    d1.cleanup()
+    d = Driver(Config(), state_file=state_file)
+    d.init(str(tmp_path / "home"), None, None, None)
+    real_write = driver_module.atomic_write
+    fail = [True]
+
+    def write(path, *a, **k):
+        if fail.pop():
+            raise OSError(28, "No space left on device")
+        real_write(path, *a, **k)
+
+    monkeypatch.setattr(driver_module, "atomic_write", write)
+    d.get(container)
+    d.get(container)  # count 2: the write fails (logged)
+    assert _state(state_file)["Refs"] == {}
+    fail.append(False)
+    d.get(container)  # count 3
+    assert _state(state_file)["Refs"] == {container: 3}
+    for _ in range(3):
+        fail.append(False)
+        d.put(container)
+    assert _state(state_file)["Refs"] == {}
+    assert not _is_mounted(os.path.join(d.layout.home, container, "merged"))
+    d.cleanup()
 
 
 def test_init_writes_the_state_file_again_even_when_nothing_changed(new_driver, tmp_path):

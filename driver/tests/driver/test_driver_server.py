@@ -679,6 +679,7 @@ def test_a_call_that_moved_a_layers_worth_gives_freed_memory_back(inited, monkey
     big = new_id()
     inited.call("GraphDriver.Create", {"ID": big, "Parent": ""})
     inited.apply_diff(big, "", TarBuilder().file("f", os.urandom(2 << 20)).bytes())
+    inited.call("GraphDriver.Exists", {"ID": big})  # the release follows the answer
     assert released == [1]
     data, resp = inited.diff(big)
     assert len(data) > 2 << 20 and resp.status == 200
@@ -691,3 +692,22 @@ def test_a_call_that_moved_a_layers_worth_gives_freed_memory_back(inited, monkey
         inited.apply_diff(broken, "", os.urandom(3 << 20))
     inited.call("GraphDriver.Exists", {"ID": broken})
     assert released == [1, 1, 1]
+
+
+def test_a_large_json_answer_counts_too(inited, monkeypatch):
+    """A Changes of many files answers megabytes of JSON: counted like a body."""
+    released = []
+    monkeypatch.setattr(server, "release_free_memory", lambda: released.append(1))
+    layer = new_id()
+    inited.call("GraphDriver.Create", {"ID": layer, "Parent": ""})
+    tar = TarBuilder()
+    for i in range(100):
+        tar.file(f"file-{i:03}", b"x")
+    inited.apply_diff(layer, "", tar.bytes())  # 100 KiB: below the 8 MiB
+    inited.call("GraphDriver.Exists", {"ID": layer})  # once its handling has ended
+    monkeypatch.setattr(server, "RELEASE_AFTER_BYTES", 2000)
+    inited.call("GraphDriver.Exists", {"ID": layer})
+    assert released == []
+    assert len(inited.call("GraphDriver.Changes", {"ID": layer, "Parent": ""})["Changes"]) == 100
+    inited.call("GraphDriver.Exists", {"ID": layer})  # the release follows the answer
+    assert released == [1]

@@ -83,3 +83,21 @@ def test_the_writeback_hint_is_the_kernels_own_call():
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_write_all_durably_closes_every_file_when_a_flush_fails(tmp_path, monkeypatch):
+    def fail(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    fds = _open_fds()
+    with pytest.raises(OSError, match="Input/output"):
+        files.write_all_durably([(str(tmp_path / name), "x") for name in "abc"])
+    assert _open_fds() == fds
+
+
+def test_one_file_is_flushed_without_the_writeback_hint(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(files, "_start_writeback", started.append)
+    files.write_durably(str(tmp_path / "one"), "1")
+    assert started == [] and (tmp_path / "one").read_text() == "1"
